@@ -1,0 +1,1 @@
+# The repo root on sys.path for the tests (scripts import model, weighting, ... as top-level modules).

@@ -1,0 +1,277 @@
+"""model.py against an independent implementation (Hugging Face LlamaForCausalLM) on the same
+weights, the Meta-format round trip, the memory-efficient training step and KV-cache generation."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from model import ModelArgs, Transformer
+
+torch.set_num_threads(2)
+
+LOGIT_ATOL = 1e-5  # float32, max abs difference on logits vs Hugging Face
+GRAD_ATOL = 1e-6  # float32, sequential vs naive backward
+
+
+def micro_args(n_future_tokens=4, n_kv_heads=None, n_layers=5, vocab_size=97, dim=64, n_heads=4, **kw):
+    return ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+                     multiple_of=32, n_future_tokens=n_future_tokens, max_seq_len=64, **kw)
+
+
+def random_model(args, seed=0, value_head=False):
+    torch.manual_seed(seed)
+    model = Transformer(args, value_head=value_head)
+    with torch.no_grad():  # perturb the norms too, so a wrong norm would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# independent reference: Hugging Face's LLaMA
+
+def hf_llama_for_head(model: Transformer, k: int):
+    """A plain LLaMA made of the MTP trunk + head k, converted to Hugging Face's layout."""
+    transformers = pytest.importorskip("transformers")
+    a = model.args
+    cfg = transformers.LlamaConfig(
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim,
+        num_hidden_layers=a.n_layers - a.n_future_tokens + 1, num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads, rms_norm_eps=a.norm_eps, max_position_embeddings=2 * a.max_seq_len,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, rope_theta=a.rope_theta,
+    )
+    cfg._attn_implementation = "eager"
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+
+    def permute(w, n_heads):  # Meta's adjacent-pair RoPE rows -> HF's rotate_half rows
+        out_dim, in_dim = w.shape
+        return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+    blocks = list(model.layers[:-1]) + [model.heads()[k]]
+    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
+          "lm_head.weight": model.output.weight}
+    for i, b in enumerate(blocks):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = permute(b.attention.wq.weight, a.n_heads)
+        sd[p + "self_attn.k_proj.weight"] = permute(b.attention.wk.weight, a.n_kv_heads)
+        sd[p + "self_attn.v_proj.weight"] = b.attention.wv.weight
+        sd[p + "self_attn.o_proj.weight"] = b.attention.wo.weight
+        sd[p + "mlp.gate_proj.weight"] = b.feed_forward.w1.weight
+        sd[p + "mlp.down_proj.weight"] = b.feed_forward.w2.weight
+        sd[p + "mlp.up_proj.weight"] = b.feed_forward.w3.weight
+        sd[p + "input_layernorm.weight"] = b.attention_norm.weight
+        sd[p + "post_attention_layernorm.weight"] = b.ffn_norm.weight
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    assert not [m for m in missing if "rotary" not in m] and not unexpected, (missing, unexpected)
+    return hf
+
+
+@pytest.mark.parametrize("n_future_tokens,n_kv_heads", [(1, None), (4, None), (4, 2), (2, 1)])
+def test_heads_match_hf_llama(n_future_tokens, n_kv_heads):
+    model = random_model(micro_args(n_future_tokens, n_kv_heads))
+    tokens = torch.randint(0, 97, (2, 23))
+    with torch.no_grad():
+        ours = model(tokens, return_all_heads=True)  # (B, S, n, V)
+        assert ours.shape == (2, 23, n_future_tokens, 97) and ours.dtype == torch.float32
+        assert torch.equal(model(tokens)[:, :, 0], ours[:, :, 0])  # return_all_heads=False = head 0
+        for k in range(n_future_tokens):
+            ref = hf_llama_for_head(model, k)(tokens).logits
+            assert (ours[:, :, k] - ref).abs().max().item() <= LOGIT_ATOL
+
+
+def test_ffn_hidden_rule():
+    # LLaMA-2 7B: dim 4096, multiple_of 256 -> 11008; 70B: dim 8192, x1.3, multiple_of 4096 -> 28672
+    assert ModelArgs(dim=4096, n_heads=32, multiple_of=256).ffn_hidden_dim == 11008
+    assert ModelArgs(dim=8192, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3).ffn_hidden_dim == 28672
+
+
+def test_meta_layout_keys():
+    model = Transformer(micro_args(4, n_layers=5))
+    keys = set(model.state_dict())
+    # n_layers=5, n=4: layers = 1 trunk block + head 0; extra_heads = heads 1..3
+    assert "layers.1.feed_forward.w3.weight" in keys and "layers.1.attention_norm.weight" in keys
+    assert "layers.2.attention.wq.weight" not in keys
+    assert {f"extra_heads.{j}.ffn_norm.weight" for j in range(3)} <= keys
+    assert {"tok_embeddings.weight", "norm.weight", "output.weight"} <= keys
+    assert not any(k.startswith("value_head") for k in keys)
+
+
+def write_meta_dir(path, model, vocab_size_in_params=None, extra_params=None):
+    os.makedirs(path, exist_ok=True)
+    a = model.args
+    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+              "vocab_size": a.vocab_size if vocab_size_in_params is None else vocab_size_in_params,
+              "multiple_of": a.multiple_of, "ffn_dim_multiplier": a.ffn_dim_multiplier, "norm_eps": a.norm_eps,
+              "rope_theta": a.rope_theta, "n_future_tokens": a.n_future_tokens, **(extra_params or {})}
+    with open(os.path.join(path, "params.json"), "w") as f:
+        json.dump(params, f)
+    torch.save(model.state_dict(), os.path.join(path, "consolidated.pth"))
+
+
+@pytest.mark.parametrize("value_head", [False, True])
+def test_from_pretrained_round_trip(tmp_path, value_head):
+    model = random_model(micro_args(4, 2))
+    write_meta_dir(tmp_path, model, vocab_size_in_params=-1, extra_params={"max_batch_size": 32})
+    loaded = Transformer.from_pretrained(str(tmp_path), device="cpu", dtype=torch.float32, value_head=value_head)
+    tokens = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(model(tokens, return_all_heads=True), loaded(tokens, return_all_heads=True))
+    assert loaded.args.vocab_size == 97  # -1 in params.json -> from the embedding
+    assert (loaded.value_head is not None) == value_head
+    if value_head:
+        assert loaded.value_head.fc1.weight.dtype == torch.float32
+        assert loaded.value(loaded.trunk_forward(tokens)).shape == (2, 11)
+
+
+def test_from_pretrained_dtypes(tmp_path):
+    model = random_model(micro_args(2))
+    write_meta_dir(tmp_path, model)
+    for dtype in (torch.bfloat16, torch.float16):
+        m = Transformer.from_pretrained(str(tmp_path), device="cpu", dtype=dtype, value_head=True)
+        assert m.output.weight.dtype == dtype and m.value_head.fc2.weight.dtype == torch.float32
+        out = m(torch.randint(0, 97, (1, 5)), return_all_heads=True)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_from_pretrained_key_mismatch_names_keys(tmp_path):
+    model = random_model(micro_args(2))
+    write_meta_dir(tmp_path, model)
+    sd = model.state_dict()
+    del sd["extra_heads.0.attention.wq.weight"]
+    sd["bogus.weight"] = torch.zeros(1)
+    torch.save(sd, os.path.join(tmp_path, "consolidated.pth"))
+    with pytest.raises(ValueError, match=r"extra_heads\.0\.attention\.wq\.weight.*bogus\.weight"):
+        Transformer.from_pretrained(str(tmp_path), device="cpu", dtype=torch.float32)
+
+
+def test_load_weights_shape_mismatch_message():
+    a = Transformer(micro_args(2, dim=64))
+    b = Transformer(micro_args(2, dim=32, n_heads=2))
+    with pytest.raises(ValueError, match="another model shape"):
+        a.load_weights(b.state_dict(), source="x.pt")
+
+
+# -----------------------------------------------------------------------------
+# memory-efficient training step
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("ce_chunk_size", [0, 7])
+def test_sequential_backward_equals_naive(weighted, ce_chunk_size):
+    args = micro_args(4, 2)
+    model = random_model(args, value_head=True).train()
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 97, (3, 17))
+    mask = torch.zeros(3, 17)
+    mask[:, 6:] = 1
+    w = torch.zeros(3, 17, 4)  # w[b, t, k] = mask[b, t+k+1]
+    for k in range(4):
+        w[:, : 17 - k - 1, k] = mask[:, k + 1:]
+    if weighted:
+        w = w * torch.rand_like(w) * 3
+    results = {}
+    for naive in (True, False):
+        model.zero_grad(set_to_none=True)
+        h = model.trunk_forward(tokens)
+        extra = ((model.value(h) - 1.0) ** 2).mean() * 0.5
+        out = model.forward_backward(tokens, w, h_trunk=h, extra_loss=extra, loss_scale=0.5, naive=naive,
+                                     ce_chunk_size=ce_chunk_size)
+        results[naive] = (out, _grads(model))
+    (o_naive, g_naive), (o_seq, g_seq) = results[True], results[False]
+    assert torch.allclose(o_naive["head_losses"], o_seq["head_losses"], atol=1e-6)
+    assert set(g_naive) == set(g_seq) == {n for n, p in model.named_parameters()}
+    for name in g_naive:
+        assert (g_naive[name] - g_seq[name]).abs().max().item() <= GRAD_ATOL, name
+
+
+def test_chunked_ce_equals_plain_and_matches_manual_loss():
+    model = random_model(micro_args(2)).train()
+    tokens = torch.randint(0, 97, (2, 9))
+    w = torch.ones(2, 9, 2)
+    w[:, -1, 0] = 0
+    w[:, -2:, 1] = 0
+    outs, grads = [], []
+    for chunk in (0, 4):
+        model.zero_grad(set_to_none=True)
+        outs.append(model.forward_backward(tokens, w, ce_chunk_size=chunk))
+        grads.append(_grads(model))
+    assert torch.allclose(outs[0]["loss"], outs[1]["loss"], atol=1e-6)
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+    # loss = mean over heads of the mean CE over that head's targets, from Meta's forward logits
+    with torch.no_grad():
+        logits = model(tokens, return_all_heads=True)
+    manual = []
+    for k in range(2):
+        lp = torch.log_softmax(logits[:, : 9 - k - 1, k], -1)
+        tgt = tokens[:, k + 1:]
+        manual.append(-lp.gather(-1, tgt[..., None]).mean())
+    assert abs(outs[0]["loss"].item() - torch.stack(manual).mean().item()) < 1e-5
+    assert outs[0]["head_counts"].tolist() == [16, 14]
+
+
+def test_callable_weights_see_the_heads_own_loss():
+    model = random_model(micro_args(2)).train()
+    tokens = torch.randint(0, 97, (2, 9))
+    seen = []
+
+    def select(k, ce_k):
+        seen.append((k, ce_k.shape, ce_k.requires_grad))
+        return (ce_k > ce_k.median()).float()
+
+    out = model.forward_backward(tokens, select)
+    assert seen == [(0, (2, 9), False), (1, (2, 9), False)]
+    assert out["head_losses"].shape == (2,)
+
+
+def test_frozen_trunk_gets_no_grad():
+    model = random_model(micro_args(2)).train()
+    trunk_names = {n for n, _ in model.named_parameters() if n.startswith("tok_embeddings") or n.startswith("layers.0.")}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in trunk_names)
+    out = model.forward_backward(torch.randint(0, 97, (2, 9)), torch.ones(2, 9, 2))
+    for n, p in model.named_parameters():
+        assert (p.grad is None) == (n in trunk_names), n
+    assert torch.isfinite(out["loss"])
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+def greedy_by_full_forward(model, prompt, steps):
+    seq = list(prompt)
+    for _ in range(steps):
+        with torch.no_grad():
+            seq.append(int(model(torch.tensor([seq]))[0, -1, 0].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("n_future_tokens,n_kv_heads", [(1, None), (4, 2)])
+def test_kv_cache_greedy_equals_full_forward(n_future_tokens, n_kv_heads):
+    model = random_model(micro_args(n_future_tokens, n_kv_heads), seed=3)
+    prompts = [[1, 5, 9, 2, 33], [1, 7], [1, 60, 61, 62, 63, 64, 65, 8]]
+    batched = model.generate(prompts, max_new_tokens=12)
+    for prompt, got in zip(prompts, batched):
+        assert got == greedy_by_full_forward(model, prompt, 12)
+        assert model.generate([prompt], max_new_tokens=12) == [got]
+
+
+def test_generate_stops_at_eos_and_samples_reproducibly():
+    model = random_model(micro_args(2), seed=4)
+    prompt = [1, 5, 9]
+    full = model.generate([prompt], max_new_tokens=10)[0]
+    eos = full[3]
+    cut = model.generate([prompt], max_new_tokens=10, eos_id=eos)[0]
+    assert cut == full[: full.index(eos)]
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    s1 = model.generate([prompt] * 3, max_new_tokens=8, temperature=1.0, top_k=5, generator=g1)
+    s2 = model.generate([prompt] * 3, max_new_tokens=8, temperature=1.0, top_k=5, generator=g2)
+    assert s1 == s2 and len(s1) == 3 and all(len(r) == 8 for r in s1)
+    # top_k=1 sampling is greedy
+    assert model.generate([prompt], max_new_tokens=10, temperature=0.7, top_k=1)[0] == full
