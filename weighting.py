@@ -1,0 +1,327 @@
+"""
+Token weights for the weighted MTP losses, plus the small losses and metrics around them.
+
+Notation (see SPEC.md, "The four stages"):
+  mask[b,t]  1 where token t is a completion token (contiguous per row, may be empty)
+  R[b]       reward: 1.0 for a correct sample, 0.0 otherwise
+  V[b,t]     value head's estimate of R after reading tokens 0..t
+  ce[b,t,k]  head k's cross-entropy at position t against token t+k+1
+
+Stage 2 (verifiable): TD errors of the value head -> exp(delta / beta) weights per token.
+Stage 3 (rho-1): top-k% excess-loss selection per MTP head.
+Everything is vectorized torch and computed in float32. All batch-level statistics (whitening,
+normalization, top-k selection) are over the batch handed in, i.e. one micro-batch on one rank;
+they are not all-reduced across DDP ranks.
+"""
+import math
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Stage 2: TD errors and TD weights
+
+def compute_td_errors(values, rewards, mask, gamma=1.0):
+    """
+    TD error of every completion token: how much reading token t changed the value estimate.
+
+      delta[b,t] = target[b,t] - V[b,t-1]     for mask[b,t] = 1, else 0
+      target[b,t] = R[b]            at the row's last completion token
+                  = gamma * V[b,t]  elsewhere
+
+    With gamma = 1 the deltas of a row telescope to R[b] - V[b, first-1]. Rows without
+    completion tokens are all zero. A completion token at t = 0 has no V[b,-1]; we use
+    V[b,-1] = 0 there (the data always starts with bos + prompt, so this does not happen in
+    training, and no data-dependent check or GPU sync is needed). Computed in float32; the
+    result keeps the autograd graph of `values` (build_weights detaches).
+
+    values (B, L), rewards (B,), mask (B, L) -> (B, L) float32
+    """
+    V = values.float()                                   # (B, L)
+    R = rewards.float().to(V.device)                     # (B,)
+    m = mask.to(V.device) > 0                            # (B, L) bool
+    B, L = V.shape
+    V_prev = torch.cat([V.new_zeros(B, 1), V[:, :-1]], dim=1)             # (B, L) V[b,t-1], 0 at t=0
+    pos = torch.arange(L, device=V.device).expand(B, L)                   # (B, L)
+    last = torch.where(m, pos, torch.full_like(pos, -1)).amax(dim=1)      # (B,) -1 for empty rows
+    is_last = m & (pos == last[:, None])                                  # (B, L)
+    target = torch.where(is_last, R[:, None].expand(B, L), gamma * V)     # (B, L)
+    return torch.where(m, target - V_prev, torch.zeros_like(V))
+
+
+def _whiten(a, m, eps=1e-8):
+    """(a - mean) / (std + eps) over the valid tokens; population std (divide by n), so a
+    single valid token gives 0 instead of NaN."""
+    n = m.sum().clamp_min(1)
+    mean = torch.where(m, a, 0.0).sum() / n
+    var = torch.where(m, (a - mean) ** 2, 0.0).sum() / n
+    return (a - mean) / (var.sqrt() + eps)
+
+
+def _log_bounds(clip_min, clip_max):
+    if not (0 <= clip_min <= clip_max):
+        raise ValueError(f"need 0 <= clip_min <= clip_max, got clip_min={clip_min}, clip_max={clip_max}")
+    lo = math.log(clip_min) if clip_min > 0 else -math.inf
+    return lo, math.log(clip_max)
+
+
+def _td_exponent(td_errors, m, beta, whiten):
+    """z = a / beta, the log of the unclipped weight (shared by build_weights and weight_stats)."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    a = td_errors.detach().float()
+    if whiten:
+        a = _whiten(a, m)
+    return a / beta
+
+
+def build_weights(td_errors, mask, beta=0.9, clip_min=0.1, clip_max=5.0, whiten=False, normalize=True):
+    """
+    Per-token loss weights from TD errors: tokens that raised the chance of success weigh more.
+
+      a = delta, or (delta - mean) / (std + 1e-8) over the batch's valid tokens when whiten
+          (population std, i.e. divided by n, not n - 1)
+      w = clamp(exp(a / beta), clip_min, clip_max), 0 outside the mask
+      normalize: w *= n_valid / sum(w), so the mean weight over valid tokens is 1 and the
+          weighted loss has the baseline's scale (values may then leave [clip_min, clip_max]).
+
+    Stable: a / beta is clamped to [log clip_min, log clip_max] before exp, so a huge delta
+    never overflows; clipped tokens get the bound exactly. No valid token -> all zeros.
+
+    td_errors (B, L), mask (B, L) -> (B, L) float32, detached
+    """
+    m = mask.to(td_errors.device) > 0                    # (B, L)
+    z = _td_exponent(td_errors, m, beta, whiten)         # (B, L)
+    lo, hi = _log_bounds(clip_min, clip_max)
+    w = torch.exp(z.clamp(lo, hi))
+    w = torch.where(z >= hi, clip_max, torch.where(z <= lo, clip_min, w))  # exact bounds
+    w = torch.where(m, w, 0.0)
+    if normalize:
+        n = m.sum()
+        w = w * (n / w.sum().clamp_min(1e-30))           # all-zero stays all-zero, no NaN
+    return w.detach()
+
+
+def weight_stats(weights, mask, td_errors=None, beta=0.9, clip_min=0.1, clip_max=5.0, whiten=False):
+    """
+    Logging statistics of token weights over the valid tokens (mask > 0), as python floats.
+
+    Always: mean, std (population), min, max, n (number of valid tokens); all 0.0 if none.
+    With td_errors (pass the same beta/clip/whiten as build_weights): frac_clipped_low,
+    frac_clipped_high, frac_clipped = fractions of valid tokens whose weight before
+    normalization hit clip_min / clip_max / either. They are recomputed from the TD errors
+    because after normalization the weights no longer show which ones were clipped; without
+    td_errors these keys are absent.
+
+    weights, mask, td_errors: (B, L) (the basic stats also take (B, L, n)) -> dict[str, float]
+    """
+    m = mask.to(weights.device) > 0
+    w = weights.detach().float()
+    n = m.sum()
+    nf = n.clamp_min(1).float()
+    mean = torch.where(m, w, 0.0).sum() / nf
+    std = (torch.where(m, (w - mean) ** 2, 0.0).sum() / nf).sqrt()
+    wmin = torch.where(m, w, math.inf).amin() if w.numel() else w.new_tensor(math.inf)
+    wmax = torch.where(m, w, -math.inf).amax() if w.numel() else w.new_tensor(-math.inf)
+    has = n > 0
+    stats = [n.float(), mean, std, torch.where(has, wmin, 0.0), torch.where(has, wmax, 0.0)]
+    keys = ["n", "mean", "std", "min", "max"]
+    if td_errors is not None:
+        mt = mask.to(td_errors.device) > 0
+        z = _td_exponent(td_errors, mt, beta, whiten)
+        lo, hi = _log_bounds(clip_min, clip_max)
+        ntf = mt.sum().clamp_min(1).float()
+        low = (mt & (z <= lo)).sum() / ntf
+        high = (mt & (z >= hi)).sum() / ntf
+        stats += [low.to(w.device), high.to(w.device), (low + high).to(w.device)]
+        keys += ["frac_clipped_low", "frac_clipped_high", "frac_clipped"]
+    values = torch.stack([s.float() for s in stats]).tolist()  # one device sync
+    return dict(zip(keys, values))
+
+
+# -----------------------------------------------------------------------------
+# Controls for Stage 2's weight_mode: same weights, meaningless positions
+
+def random_like_weights(weights, mask, generator):
+    """
+    Permute the weights of all valid tokens of the batch across all valid positions: the same
+    multiset of weights, with any link to the tokens removed. 0 outside the mask.
+    `generator` is a torch.Generator (its device is used for the permutation).
+
+    weights (B, L), mask (B, L) -> (B, L)
+    """
+    m = mask.to(weights.device) > 0
+    vals = weights[m]                                    # (N,) row-major valid weights
+    dev = generator.device if generator is not None else weights.device
+    perm = torch.randperm(vals.numel(), generator=generator, device=dev).to(weights.device)
+    out = torch.zeros_like(weights)
+    out[m] = vals[perm]
+    return out
+
+
+def shuffle_within_rows(weights, mask, generator):
+    """
+    Permute each row's weights among that row's valid tokens: every sequence keeps its own
+    weights (and so its total), only the token each weight lands on is random. 0 outside the mask.
+
+    weights (B, L), mask (B, L) -> (B, L)
+    """
+    m = mask.to(weights.device) > 0                      # (B, L)
+    B, L = weights.shape
+    dev = generator.device if generator is not None else weights.device
+    keys = torch.rand(B, L, generator=generator, device=dev).to(weights.device)
+    keys = torch.where(m, keys, 2.0)                     # valid first, in random order
+    src = keys.argsort(dim=1)                            # (B, L) positions to read from
+    dst = (~m).to(torch.int8).argsort(dim=1, stable=True)  # (B, L) valid positions in order, then the rest
+    count = m.sum(dim=1, keepdim=True)                   # (B, 1)
+    j = torch.arange(L, device=weights.device).expand(B, L)
+    vals = torch.where(j < count, weights.gather(1, src), torch.zeros_like(weights))
+    return torch.zeros_like(weights).scatter(1, dst, vals)
+
+
+# -----------------------------------------------------------------------------
+# Stage 3: Rho-1 selection
+
+def compute_mtp_selective_weights(excess_loss, mask, k_percent=0.6):
+    """
+    Rho-1 per-head token selection. excess[b,t,k] = ce_policy - ce_reference.
+
+      head 0:     w = mask (every valid target)
+      head k >= 1: the ceil(k_percent * n_valid_k) valid targets of that head with the largest
+                  excess loss in the whole batch (over B and L) get 1, the rest 0.
+
+    Ties are broken by the lowest flat index b * L + t (stable sort), so the result is
+    deterministic. ceil uses a 1e-6 tolerance so float noise never adds a token
+    (k_percent=0.81, n=1200 selects 972, not 973).
+
+    excess_loss (B, L, n), mask (B, L, n) -> (B, L, n) float32 in {0, 1}
+    """
+    if not (0 < k_percent <= 1):
+        raise ValueError(f"k_percent must be in (0, 1], got {k_percent}")
+    B, L, n = excess_loss.shape
+    m = mask.to(excess_loss.device) > 0                  # (B, L, n)
+    w = torch.zeros(B, L, n, dtype=torch.float32, device=excess_loss.device)
+    w[..., 0] = m[..., 0].float()
+    if n == 1:
+        return w
+    s = excess_loss[..., 1:].detach().float().permute(2, 0, 1).reshape(n - 1, B * L)  # (n-1, BL)
+    v = m[..., 1:].permute(2, 0, 1).reshape(n - 1, B * L)                            # (n-1, BL)
+    # order: valid targets first, by descending excess, ties by flat index (two stable sorts)
+    order = s.sort(dim=1, descending=True, stable=True).indices
+    valid_first = v.gather(1, order).to(torch.int32).sort(dim=1, descending=True, stable=True).indices
+    order = order.gather(1, valid_first)                                             # (n-1, BL)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(B * L, device=s.device).expand(n - 1, B * L))
+    n_sel = torch.ceil(k_percent * v.sum(dim=1).double() - 1e-6)                     # (n-1,)
+    sel = rank < n_sel[:, None]                                                      # implies valid
+    w[..., 1:] = sel.float().reshape(n - 1, B, L).permute(1, 2, 0)
+    return w
+
+
+# -----------------------------------------------------------------------------
+# Aligning token-level quantities with the MTP heads
+
+def _shift_heads(x, n):
+    """out[b,t,k] = x[b, t+k+1], 0 past the end. (B, L) -> (B, L, n)"""
+    B, L = x.shape
+    padded = torch.cat([x, x.new_zeros(B, n)], dim=1)    # (B, L+n)
+    return padded.unfold(1, n, 1)[:, 1:L + 1]            # windows starting at t+1: (B, L, n)
+
+
+def head_targets_mask(loss_mask, n):
+    """
+    Which (position, head) pairs have a completion token as target: head k at position t
+    predicts token t+k+1. out[b,t,k] = loss_mask[b, t+k+1], 0 past the end.
+
+    loss_mask (B, L) -> (B, L, n), same dtype
+    """
+    return _shift_heads(loss_mask, n)
+
+
+def shift_to_heads(token_weights, n):
+    """
+    Token weights to (position, head) weights: head k at position t uses the weight of its
+    target token t+k+1. out[b,t,k] = token_weights[b, t+k+1], 0 past the end.
+
+    token_weights (B, L) -> (B, L, n), same dtype
+    """
+    return _shift_heads(token_weights, n)
+
+
+# -----------------------------------------------------------------------------
+# Losses
+
+def value_mask(loss_mask):
+    """
+    Positions that train the value head: the last prompt position (its V is the estimate
+    before any completion token, the V[b, first-1] of the TD errors) and every completion
+    position. out[b,t] = mask[b,t] or mask[b,t+1].
+
+    loss_mask (B, L) -> (B, L), same dtype
+    """
+    m = loss_mask > 0
+    m_next = torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], dim=1)
+    return (m | m_next).to(loss_mask.dtype)
+
+
+def value_loss(values, rewards, vmask):
+    """
+    MSE of the value head against the sample's reward:
+      sum(vmask * (V - R[:, None])^2) / max(sum(vmask), 1)
+
+    values (B, L), rewards (B,), vmask (B, L) -> scalar float32
+    """
+    V = values.float()
+    vm = vmask.to(V.device).float()
+    err = (V - rewards.to(V.device).float()[:, None]) ** 2
+    return (vm * err).sum() / vm.sum().clamp_min(1.0)
+
+
+def weighted_mtp_ce(ce, weights):
+    """
+    Reference weighted MTP loss (model.forward_backward computes the same without
+    materializing all heads' logits):
+      loss_k = sum_{b,t}(w[b,t,k] * ce[b,t,k]) / max(count(w[:,:,k] > 0), 1)
+      loss   = mean_k loss_k
+    Dividing by the count of trained targets (not by sum(w)) keeps normalized TD weights on
+    the baseline's scale and makes 0/1 weights a plain mean over the selected targets.
+    Targets with w = 0 contribute nothing even where ce is inf/NaN.
+
+    ce (B, L, n), weights (B, L, n) -> (loss scalar, head_losses (n,)) float32
+    """
+    ce = ce.float()
+    w = weights.to(ce.device).float()
+    on = w > 0
+    total = torch.where(on, w * ce, 0.0).sum(dim=(0, 1))             # (n,)
+    head_losses = total / on.sum(dim=(0, 1)).clamp_min(1).float()    # (n,)
+    return head_losses.mean(), head_losses
+
+
+# -----------------------------------------------------------------------------
+# Critic validation metrics
+
+def auc(scores, labels):
+    """
+    ROC AUC = P(score of a random positive > score of a random negative), ties counted 1/2
+    (Mann-Whitney U from average ranks). labels > 0.5 are positives. NaN if either class is
+    empty. scores, labels: any shape, flattened -> float
+    """
+    s = torch.as_tensor(scores).detach().flatten().double()
+    y = torch.as_tensor(labels).detach().flatten().to(s.device) > 0.5
+    n_pos = int(y.sum())
+    n_neg = y.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)  # sorted unique
+    ends = counts.cumsum(0).double()                     # 1-based rank of each group's last member
+    avg_rank = ends - (counts.double() - 1) / 2          # (G,) average rank of tied members
+    rank_sum = avg_rank[inverse][y].sum().item()
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def binary_accuracy(scores, labels, threshold=0.5):
+    """Fraction of samples where (score >= threshold) == (label > 0.5); NaN if empty. -> float"""
+    s = torch.as_tensor(scores).detach().flatten()
+    y = torch.as_tensor(labels).detach().flatten().to(s.device) > 0.5
+    if s.numel() == 0:
+        return math.nan
+    return ((s >= threshold) == y).float().mean().item()
