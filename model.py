@@ -15,7 +15,6 @@ the paper's sequential head backward: the n heads' (B, S, V) logits never exist 
 """
 
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, fields
@@ -29,6 +28,30 @@ from tokenizer import Tokenizer  # noqa: F401  (re-exported: model.Tokenizer)
 
 # which file of a run directory Transformer.load picks
 CHECKPOINT_PREFERENCE = ("best.pt", "final.pt", "ckpt.pt")
+
+
+def resolve_checkpoint(path: str) -> str:
+    """What Transformer.load reads for `path`: a Meta directory as is, a run directory's
+    best.pt > final.pt > ckpt.pt, or the file itself. One-line FileNotFoundError otherwise."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "params.json")):
+        return path
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in CHECKPOINT_PREFERENCE if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise FileNotFoundError(f"{path}: neither a Meta directory (params.json) nor a run directory "
+                                    f"({', '.join(CHECKPOINT_PREFERENCE)})")
+        return found[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    return path
+
+
+def meta_weights_path(meta_dir: str) -> str:
+    """consolidated.pth (or a single-shard consolidated.00.pth) of a Meta-format directory."""
+    for name in ("consolidated.pth", "consolidated.00.pth"):
+        if os.path.isfile(os.path.join(meta_dir, name)):
+            return os.path.join(meta_dir, name)
+    raise FileNotFoundError(f"{meta_dir}: no consolidated.pth in this directory")
 
 
 @dataclass
@@ -513,20 +536,18 @@ class Transformer(nn.Module):
         self.load_state_dict(state_dict, strict=False)
 
     @classmethod
-    def from_pretrained(cls, path: str, device="cpu", dtype=torch.bfloat16, value_head: bool = False,
+    def from_pretrained(cls, path: str, device="cpu", dtype=torch.bfloat16, value_head: Optional[bool] = False,
                         max_seq_len: Optional[int] = None) -> "Transformer":
         """Load a Meta-format directory: params.json + consolidated.pth (+ tokenizer.model).
-        Keys must match exactly (one-line error naming them otherwise). The value head, if asked
-        for, is created fresh in fp32 (a Meta checkpoint has none). Weights end up in `dtype`."""
+        Keys must match exactly (one-line error naming them otherwise). Weights end up in `dtype`.
+        A value head (fp32) comes from the directory's value_head.pth (written by export.py) when
+        there is one and value_head is True or None; else value_head=True creates a fresh one."""
         params_path = os.path.join(path, "params.json")
         if not os.path.isfile(params_path):
             raise FileNotFoundError(f"{params_path}: not found (a Meta-format directory needs params.json)")
         with open(params_path) as f:
             params = json.load(f)
-        ckpt_path = next((os.path.join(path, n) for n in ("consolidated.pth", "consolidated.00.pth")
-                          if os.path.isfile(os.path.join(path, n))), None)
-        if ckpt_path is None:
-            raise FileNotFoundError(f"{path}: no consolidated.pth in this directory")
+        ckpt_path = meta_weights_path(path)
         state_dict = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
         if params.get("vocab_size", -1) in (-1, None):
             tok_path = os.path.join(path, "tokenizer.model")
@@ -539,9 +560,29 @@ class Transformer(nn.Module):
             model = cls(args, value_head=False)
         model.load_state_dict_meta(state_dict, source=ckpt_path)
         model.to(device=device, dtype=dtype)
-        if value_head:
+        value_head_path = os.path.join(path, "value_head.pth")
+        if value_head is not False and os.path.isfile(value_head_path):
+            model.load_value_head(value_head_path)
+        elif value_head:
             model.add_value_head()
         return model
+
+    def load_value_head(self, path: str):
+        """Attach a value_head.pth (ValueHead state dict, keys without the 'value_head.' prefix);
+        adds a value head if there is none; it stays fp32."""
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        if self.value_head is None:
+            self.add_value_head()
+        own = self.value_head.state_dict()
+        missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+        bad = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+               if k in state_dict and state_dict[k].shape != own[k].shape]
+        if missing or unexpected or bad:
+            raise ValueError(f"{path}: not a value head of this model: missing {missing}, unexpected {unexpected}, "
+                             f"shape mismatches {bad}")
+        self.value_head.load_state_dict(state_dict)
+        self.value_head.float()
+        return self
 
     @classmethod
     def load(cls, path: str, device="cpu", dtype=torch.float32, value_head: Optional[bool] = None) -> "Transformer":
@@ -549,16 +590,9 @@ class Transformer(nn.Module):
         (`ckpt.pt`, `best.pt`, `final.pt`), or a stage's out_dir (best.pt, else final.pt, else ckpt.pt).
         value_head=None keeps the checkpoint's value head (if any); True adds a fresh one if missing;
         False drops it. The value head stays fp32 whatever `dtype` is."""
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "params.json")):
-            return cls.from_pretrained(path, device=device, dtype=dtype, value_head=bool(value_head))
+        path = resolve_checkpoint(path)
         if os.path.isdir(path):
-            found = [os.path.join(path, n) for n in CHECKPOINT_PREFERENCE if os.path.isfile(os.path.join(path, n))]
-            if not found:
-                raise FileNotFoundError(f"{path}: neither a Meta directory (params.json) nor a run directory "
-                                        f"({', '.join(CHECKPOINT_PREFERENCE)})")
-            path = found[0]
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: checkpoint not found")
+            return cls.from_pretrained(path, device=device, dtype=dtype, value_head=value_head)
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as e:  # noqa: BLE001  (a truncated or foreign file)
