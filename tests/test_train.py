@@ -1,0 +1,160 @@
+"""The four stages end to end on a micro model and a small arith dataset, as real processes:
+loss falls, checkpoints reload, resume is exact, and DDP (torchrun, gloo, 2 CPU processes)
+agrees with a single process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+MICRO = ["--dim=32", "--n_layers=4", "--n_heads=2", "--n_future_tokens=3", "--multiple_of=16", "--max_seq_len=128"]
+FAST = ["--device=cpu", "--batch_size=16", "--log_interval=1", "--max_length=96"]
+
+
+def run(args, cwd=ROOT, expect=0, torchrun=False, env=None):
+    cmd = ([TORCHRUN, "--standalone", "--nproc_per_node=2"] if torchrun else [PY]) + args
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=e)
+    assert p.returncode == expect, f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-3000:]}"
+    return p
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir, key="train/loss"):
+    return [m[key] for m in metrics(out_dir) if key in m]
+
+
+def val_losses(out_dir):
+    return [m["val/loss"] for m in metrics(out_dir) if "val/loss" in m]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("arith")
+    run(["data/arith/prepare.py", f"--out_dir={d}", "--n_train_problems=300", "--n_val_problems=40",
+         "--n_test_problems=40", "--seed=3"])
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def base_dir(data_dir, tmp_path_factory):
+    """A micro base model trained from scratch with the baseline stage (used by the later stages)."""
+    out = str(tmp_path_factory.mktemp("base"))
+    run(["train_baseline.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=40", "--eval_interval=20",
+         "--learning_rate=3e-3", "--warmup_iters=5", *MICRO, *FAST])
+    return out
+
+
+def test_baseline_from_scratch_learns_and_checkpoints_reload(base_dir, data_dir):
+    losses = train_losses(base_dir)
+    assert len(losses) == 40 and losses[-1] < 0.8 * losses[0]
+    vals = val_losses(base_dir)
+    assert len(vals) == 2 and vals[1] < vals[0]
+    for name in ("ckpt.pt", "best.pt", "final.pt"):
+        ckpt = torch.load(os.path.join(base_dir, name), weights_only=False)
+        assert ckpt["stage"] == "baseline" and ckpt["iter"] == 40
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    model = Transformer.load(base_dir)
+    assert model.n_future_tokens == 3 and model.value_head is None
+    # eval_only on the final weights reproduces the last validation loss
+    out = os.path.join(base_dir, "evalonly")
+    run(["train_baseline.py", f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={base_dir}/final.pt",
+         "--eval_only=True", *FAST])
+    assert val_losses(out) == pytest.approx([vals[-1]], rel=1e-6)
+
+
+def test_critic_learns_value(base_dir, data_dir, tmp_path):
+    out = str(tmp_path / "critic")
+    run(["train_critic.py", f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={base_dir}",
+         "--max_iters=30", "--eval_interval=15", "--learning_rate=3e-3", *FAST])
+    mse = train_losses(out, "train/value_mse")
+    assert len(mse) == 30 and min(mse[-5:]) < mse[0]
+    evals = [m for m in metrics(out) if "val/value_auc" in m]
+    assert len(evals) == 2 and 0.0 <= evals[-1]["val/value_auc"] <= 1.0
+    ckpt = torch.load(os.path.join(out, "final.pt"), weights_only=False)
+    # only the value head trained: the trunk equals the base model's
+    base = torch.load(os.path.join(base_dir, "final.pt"), weights_only=False)
+    assert torch.equal(ckpt["model"]["layers.0.attention.wq.weight"], base["model"]["layers.0.attention.wq.weight"])
+    assert any(k.startswith("value_head.") for k in ckpt["model"])
+
+
+@pytest.fixture(scope="module")
+def critic_dir(base_dir, data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("critic"))
+    run(["train_critic.py", f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={base_dir}",
+         "--max_iters=10", "--eval_interval=10", *FAST])
+    return out
+
+
+@pytest.mark.parametrize("weight_mode", ["td", "shuffled"])
+def test_verifiable_learns_and_logs_weight_stats(critic_dir, data_dir, tmp_path, weight_mode):
+    out = str(tmp_path / "verifiable")
+    run(["train_verifiable.py", f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={critic_dir}",
+         "--max_iters=20", "--eval_interval=20", f"--weight_mode={weight_mode}", *FAST])
+    losses = train_losses(out)
+    assert len(losses) == 20 and sum(losses[-3:]) < sum(losses[:3])
+    logged = [m for m in metrics(out) if "weights/mean" in m]
+    assert logged and all(abs(m["weights/mean"] - 1.0) < 1e-4 for m in logged)  # normalized
+    if weight_mode == "td":
+        assert all(0.0 <= m["weights/frac_clipped"] <= 1.0 for m in logged)
+    assert Transformer.load(out).value_head is not None
+
+
+def test_rho1_cache_on_and_off_give_the_same_losses(base_dir, data_dir, tmp_path):
+    common = ["train_rho1.py", f"--data_dir={data_dir}", f"--init_from={base_dir}", f"--ref_init_from={base_dir}",
+              "--n_samples=64", "--n_epochs=3", "--eval_interval=100", *FAST]
+    run(common + [f"--out_dir={tmp_path / 'on'}", "--ref_cache=True"])
+    run(common + [f"--out_dir={tmp_path / 'off'}", "--ref_cache=False"])
+    on, off = train_losses(str(tmp_path / "on")), train_losses(str(tmp_path / "off"))
+    assert len(on) == len(off) == 12  # 64 rows / 16 per batch * 3 epochs
+    assert on == pytest.approx(off, rel=1e-5, abs=1e-6)
+    cached = [m["rho1/cached_rows"] for m in metrics(str(tmp_path / "on")) if "rho1/cached_rows" in m]
+    assert cached[3] == 64 and cached[-1] == 64  # filled in the first epoch, reused after
+    sel = [m["rho1/selected_frac"] for m in metrics(str(tmp_path / "on")) if "rho1/selected_frac" in m]
+    assert all(s[0] == 1.0 and 0.6 <= s[1] <= 0.7 for s in sel)  # head 0 all, heads >= 1 ceil(60%)
+
+
+@pytest.mark.parametrize("stage", ["baseline", "critic", "verifiable", "rho1"])
+def test_resume_is_bit_identical(stage, base_dir, critic_dir, data_dir, tmp_path):
+    """7 iterations in one run == 3 iterations, then init_from='resume' for 4 more: same losses,
+    same final weights, bit for bit (lr_decay_iters pins the schedule of the shorter first run)."""
+    init = {"baseline": base_dir, "critic": base_dir, "verifiable": critic_dir, "rho1": base_dir}[stage]
+    extra = [f"--ref_init_from={base_dir}"] if stage == "rho1" else []
+    extra += ["--weight_mode=random"] if stage == "verifiable" else []  # draws from the RNG every step
+    common = [f"train_{stage}.py", f"--data_dir={data_dir}", "--n_samples=40", "--eval_interval=3",
+              "--lr_decay_iters=7", "--warmup_iters=2", *extra, *FAST, "--batch_size=8"]  # 5 batches/epoch
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run(common + [f"--out_dir={full}", f"--init_from={init}", "--max_iters=7"])
+    run(common + [f"--out_dir={part}", f"--init_from={init}", "--max_iters=3"])
+    run(common + [f"--out_dir={part}", "--init_from=resume", "--max_iters=7"])  # crosses an epoch boundary
+    key = "train/value_mse" if stage == "critic" else "train/loss"
+    assert len(train_losses(full, key)) == 7
+    assert train_losses(part, key) == train_losses(full, key)
+    a = torch.load(os.path.join(full, "final.pt"), weights_only=False)["model"]
+    b = torch.load(os.path.join(part, "final.pt"), weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_files_load_and_validate():
+    """Every config/*.py only sets keys its script knows, with the right types (--help exits 0)."""
+    for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
+        if not name.endswith(".py"):
+            continue
+        script = {"baseline": "train_baseline.py", "base": "train_baseline.py", "reference": "train_baseline.py",
+                  "critic": "train_critic.py", "verifiable": "train_verifiable.py", "rho1": "train_rho1.py",
+                  "fsdp": "train_baseline.py", "bench": "bench.py"}
+        stage = next(s for s in script if s in name)
+        p = run([script[stage], f"config/{name}", "--help"])
+        assert "settings" in p.stdout
