@@ -154,7 +154,7 @@ def test_config_files_load_and_validate():
             continue
         script = {"baseline": "train_baseline.py", "base": "train_baseline.py", "reference": "train_baseline.py",
                   "critic": "train_critic.py", "verifiable": "train_verifiable.py", "rho1": "train_rho1.py",
-                  "fsdp": "train_baseline.py", "bench": "bench.py"}
+                  "fsdp": "train_baseline.py", "bench": "bench.py", "eval": "eval.py"}
         stage = next(s for s in script if s in name)
         p = run([script[stage], f"config/{name}", "--help"])
         assert "settings" in p.stdout
