@@ -426,19 +426,21 @@ class Transformer(nn.Module):
     def head_eval_sums(self, tokens, targets_mask, h_trunk=None):
         """Validation sums per head, one head's logits at a time: tokens (B, S), targets_mask
         (B, S, n) (1 where head k at position t has a target) -> (ce_sum, n_targets, n_top1_correct),
-        each (n,) float64. Sums, not means, so ranks and batches reduce exactly."""
+        each (n,) float64 (float32 on MPS, which has no float64). Sums, not means, so ranks and
+        batches reduce exactly."""
         if h_trunk is None:
             h_trunk = self.trunk_forward(tokens)
         B, S = tokens.shape
+        acc = torch.float32 if tokens.device.type == "mps" else torch.float64
         ce_sum, count, correct = [], [], []
         for k in range(self.n_future_tokens):
             logits = self.output(self.head_forward(h_trunk, k)).float()[:, : S - k - 1]  # (B, S-k-1, V)
             target = tokens[:, k + 1:]  # (B, S-k-1)
-            m = targets_mask[:, : S - k - 1, k].to(torch.float64)
+            m = targets_mask[:, : S - k - 1, k].to(acc)
             ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, S-k-1)
-            ce_sum.append((ce.double() * m).sum())
+            ce_sum.append((ce.to(acc) * m).sum())
             count.append(m.sum())
-            correct.append(((logits.argmax(-1) == target).double() * m).sum())
+            correct.append(((logits.argmax(-1) == target).to(acc) * m).sum())
         return torch.stack(ce_sum), torch.stack(count), torch.stack(correct)
 
     # --- inference with a KV cache ----------------------------------------------------------
@@ -609,7 +611,10 @@ class Transformer(nn.Module):
         has_value_head = any(k.startswith("value_head.") for k in state_dict)
         if value_head is False:
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("value_head.")}
-        args = ModelArgs(**ckpt["model_args"])
+        try:
+            args = ModelArgs(**ckpt["model_args"])
+        except TypeError as e:  # e.g. model_args written by another version of this file
+            raise ValueError(f"{source}: model_args do not fit this model.py ({e})") from None
         model = cls(args, value_head=has_value_head if value_head is None else value_head)
         model.load_weights(state_dict, source=source)
         model.to(device=device, dtype=dtype)

@@ -23,10 +23,15 @@ MODEL_ARG_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ff
                   "rope_theta", "n_future_tokens", "max_seq_len")
 
 
+def error_line(msg) -> str:
+    """'train_x.py: error: msg' on one line."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "wmtp"
+    return f"{prog}: error: {' '.join(str(msg).splitlines())}"
+
+
 def fail(msg: str, code: int = 2):
     """A one-line error on stderr and a non-zero exit, before any work starts."""
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "wmtp"
-    print(f"{prog}: error: {' '.join(str(msg).splitlines())}", file=sys.stderr, flush=True)
+    print(error_line(msg), file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -44,8 +49,9 @@ def check_config(cfg: dict, ctx):
             parse_s3_uri(cfg["s3_uri"])
         except ValueError as e:
             fail(f"s3_uri: {e}")
-    for key in ("batch_size", "gradient_accumulation_steps"):
-        if cfg[key] < 1:
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "max_bad_steps",
+                "s3_keep"):
+        if key in cfg and cfg[key] < 1:
             fail(f"{key} must be >= 1, got {cfg[key]}")
     if cfg.get("global_batch_size"):
         per_step = cfg["batch_size"] * ctx.world_size
@@ -123,8 +129,11 @@ def init_model(cfg: dict, ctx, meta: dict, value_head):
                 from s3 import download_checkpoint
                 path = os.path.join(cfg["out_dir"], "s3_resume.pt")
                 if ctx.local_master:  # one download per node; the other ranks wait for it
-                    os.makedirs(cfg["out_dir"], exist_ok=True)
-                    os.replace(download_checkpoint(init_from, cfg["out_dir"]), path)
+                    try:
+                        downloaded = download_checkpoint(init_from, cfg["out_dir"])  # the manifest's latest
+                    except RuntimeError as e:  # store unreachable, access denied, ...
+                        fail(f"init_from={init_from!r}: {e}")
+                    os.replace(downloaded, path)
                 ddp_utils.barrier()
             resume = ddp_utils.load_checkpoint(path)
             model = Transformer.from_checkpoint(resume, value_head=value_head, source=path)
@@ -231,8 +240,9 @@ def evaluate(model, loader, ctx, autocast, heads: bool = True, value: bool = Fal
     from weighting import auc, binary_accuracy, head_targets_mask, value_mask
     model.eval()
     n = model.n_future_tokens
-    sums = torch.zeros(3, n, dtype=torch.float64, device=ctx.device)  # ce_sum, count, correct per head
-    vsums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # squared error sum, count
+    acc = torch.float32 if ctx.device_type == "mps" else torch.float64  # MPS has no float64
+    sums = torch.zeros(3, n, dtype=acc, device=ctx.device)  # ce_sum, count, correct per head
+    vsums = torch.zeros(2, dtype=acc, device=ctx.device)  # squared error sum, count
     last_values, labels = [], []
     for batch in loader:
         tokens = batch["input_ids"].to(ctx.device)
@@ -244,8 +254,8 @@ def evaluate(model, loader, ctx, autocast, heads: bool = True, value: bool = Fal
         if value:
             v = model.value(h)  # (B, L) fp32
             reward = batch["reward"].to(ctx.device)
-            vm = value_mask(loss_mask).double()
-            vsums += torch.stack([(vm * (v.double() - reward.double()[:, None]) ** 2).sum(), vm.sum()])
+            vm = value_mask(loss_mask).to(acc)
+            vsums += torch.stack([(vm * (v.to(acc) - reward.to(acc)[:, None]) ** 2).sum(), vm.sum()])
             last = (batch["lengths"] - 1).to(ctx.device)
             last_values.append(v.gather(1, last[:, None]).squeeze(1).cpu())
             labels.append(batch["reward"])
@@ -278,8 +288,11 @@ def save_run(model, optimizer, state: dict, cfg: dict, meta: dict, stage: str, c
              uploader=None):
     """Write the run checkpoint (all ranks call this: it gathers every rank's RNG state) to each
     of `names` in out_dir on rank 0, atomically, then barrier. With an uploader, rank 0 queues
-    each file for S3 (ckpt.pt under a per-iteration name). `names` is usually
-    ("ckpt.pt", "best.pt") after an improved validation, ("ckpt.pt",) otherwise, ("final.pt",) at the end."""
+    each file for S3 under a per-iteration name: ckpt.pt as ckpt_{iter:07d}.pt, which the manifest
+    marks best when best.pt is written with it (one upload: the two files are the same checkpoint)
+    and names `latest` (what init_from='s3://...' resumes from); final.pt as final_{iter:07d}.pt
+    (weights only, so never `latest`). `names` is usually ("ckpt.pt", "best.pt") after an
+    improved validation, ("ckpt.pt",) otherwise, ("final.pt",) at the end."""
     rng = ddp_utils.get_rng_state()
     rngs = [None] * ctx.world_size
     if ctx.ddp:
@@ -298,9 +311,11 @@ def save_run(model, optimizer, state: dict, cfg: dict, meta: dict, stage: str, c
         }
         for name in names:
             path = ddp_utils.save_checkpoint(os.path.join(cfg["out_dir"], name), ckpt)
-            if uploader is not None:
-                remote = f"ckpt_{state['iter']:07d}.pt" if name == "ckpt.pt" else name
-                uploader.submit(path, remote, is_best=(name == "best.pt"), iter_num=state["iter"])
+            if uploader is None or (name == "best.pt" and "ckpt.pt" in names):
+                continue
+            uploader.submit(path, f"{name.split('.')[0]}_{state['iter']:07d}.pt", iter_num=state["iter"],
+                            is_best=name == "best.pt" or (name == "ckpt.pt" and "best.pt" in names),
+                            latest=name == "ckpt.pt")
     ddp_utils.barrier()
 
 
@@ -326,8 +341,9 @@ def too_many_bad_steps(stepped: bool, state: dict, cfg: dict, logger, ctx) -> bo
            prefix="non-finite loss or gradient norm, step skipped: ")
     if state["bad_steps"] >= cfg["max_bad_steps"]:
         if ctx.master:
-            print(f"stopping: {state['bad_steps']} non-finite steps in a row (max_bad_steps); "
-                  f"the last good state goes to {cfg['out_dir']}/ckpt.pt", flush=True)
+            print(error_line(f"{state['bad_steps']} non-finite steps in a row (max_bad_steps={cfg['max_bad_steps']}): "
+                             f"stopping; the last good state goes to {cfg['out_dir']}/ckpt.pt"),
+                  file=sys.stderr, flush=True)
         return True
     return False
 
@@ -366,9 +382,7 @@ def start_run(cfg: dict, ctx):
 
 def finish_run(logger, uploader, ctx):
     if uploader is not None:
-        not_uploaded = uploader.close(timeout=600)
-        if not_uploaded:
-            print(f"warning: {len(not_uploaded)} checkpoint(s) did not reach S3: {not_uploaded}", flush=True)
+        uploader.close(timeout=600)  # waits for pending uploads; prints what did not reach S3
     if logger is not None:
         logger.finish()
     ddp_utils.cleanup()
