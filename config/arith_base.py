@@ -10,12 +10,12 @@ n_layers = 6  # layers[:-1] = 2 trunk blocks, then 4 head blocks (n_layers - n_f
 n_heads = 4
 n_future_tokens = 4
 multiple_of = 32
-max_seq_len = 128
-max_length = 128
+max_seq_len = 64
+max_length = 64
 batch_size = 32
 n_epochs = 2
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 50
 eval_interval = 250
-log_interval = 25
+log_interval = 50

@@ -5,7 +5,8 @@ out_dir = "out/arith/baseline"
 init_from = "out/arith/base"
 data_dir = "data/arith"
 wandb_run_name = "arith-baseline"
-max_length = 128
+max_length = 64
+n_samples = 8000  # rows per stage run (one epoch = 250 steps at batch 32)
 batch_size = 32
 n_epochs = 1
 learning_rate = 5e-4

@@ -7,7 +7,8 @@ wandb_run_name = "arith-critic"
 trainable = "value_head"
 balance_correct = True
 correct_ratio = 0.5
-max_length = 128
+max_length = 64
+n_samples = 8000  # rows per stage run (one epoch = 250 steps at batch 32)
 batch_size = 32
 n_epochs = 1
 learning_rate = 2e-3

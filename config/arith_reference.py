@@ -7,7 +7,8 @@ data_dir = "data/arith"
 wandb_run_name = "arith-reference"
 balance_correct = True
 correct_ratio = 1.0  # correct rows only
-max_length = 128
+max_length = 64
+n_samples = 8000  # rows per stage run (one epoch = 250 steps at batch 32)
 batch_size = 32
 n_epochs = 1
 learning_rate = 5e-4

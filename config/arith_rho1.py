@@ -6,7 +6,8 @@ ref_init_from = "out/arith/reference"
 data_dir = "data/arith"
 wandb_run_name = "arith-rho1"
 k_percent = 0.6
-max_length = 128
+max_length = 64
+n_samples = 8000  # rows per stage run (one epoch = 250 steps at batch 32)
 batch_size = 32
 n_epochs = 1
 learning_rate = 5e-4

@@ -10,7 +10,8 @@ beta = 0.9
 clip_min = 0.1
 clip_max = 5.0
 value_coef = 0.5
-max_length = 128
+max_length = 64
+n_samples = 8000  # rows per stage run (one epoch = 250 steps at batch 32)
 batch_size = 32
 n_epochs = 1
 learning_rate = 5e-4

@@ -14,7 +14,7 @@ import os
 import sys
 
 RUNS = [  # (directory, what it is)
-    ("base", "base model (all solutions, from scratch)"),
+    ("base", "base model (all solutions, from scratch; trained once, shared by the seeds)"),
     ("reference", "oracle: base + correct-only fine-tuning"),
     ("baseline", "stage 0: uniform MTP CE"),
     ("critic", "stage 1: value head on the base trunk"),
@@ -71,6 +71,8 @@ def main(out_dir):
     table = {}
     for run, what in RUNS:
         per_seed = {os.path.basename(s): numbers(os.path.join(s, run)) for s in seeds if os.path.isdir(os.path.join(s, run))}
+        if not per_seed and os.path.isdir(os.path.join(out_dir, run)):  # trained once, shared by the seeds
+            per_seed = {"shared": numbers(os.path.join(out_dir, run))}
         if not per_seed:
             continue
         cells = {k: mean_std([v[k] for v in per_seed.values()]) for k, _, _ in COLUMNS}

@@ -44,14 +44,14 @@ from tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 DEFAULTS = {
     "seed": 1337,
     "out_dir": os.path.dirname(os.path.abspath(__file__)),  # data/arith
-    "n_train_problems": 2000,
+    "n_train_problems": 5000,
     "n_val_problems": 200,
     "n_test_problems": 200,
     "candidates_per_problem": 4,
     "min_ops": 2,  # operators per problem
-    "max_ops": 4,
-    "max_operand": 20,  # operands are 1..max_operand
-    "max_value": 500,  # every intermediate value of the true solution stays within +-max_value
+    "max_ops": 3,
+    "max_operand": 9,  # operands are 1..max_operand (single digits: a tiny model on a CPU learns them)
+    "max_value": 100,  # every intermediate value of the true solution stays within +-max_value
     "slip_ratio": 0.5,  # share of candidates generated with a mistake
     "systematic_ratio": 0.7,  # share of those mistakes meant to be systematic (random when none applies)
     "vocab_size": 128,  # upper bound: sentencepiece stops earlier on this small alphabet
