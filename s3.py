@@ -3,18 +3,23 @@ Checkpoint upload to S3 (or any S3-compatible store) in a background thread, and
 
 Endpoint, region and credentials come from boto3's standard configuration (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_PROFILE, ~/.aws/config,
-AWS_MAX_ATTEMPTS, ...), so MinIO, R2 or moto work by setting the usual variables.
+AWS_MAX_ATTEMPTS, ...), so MinIO, R2 or moto work by setting the usual variables. How long an
+upload keeps trying is the uploader's own retry loop (WMTP_S3_MAX_RETRIES, default 5 retries;
+WMTP_S3_BACKOFF, default 1.0 s, doubled after each failure: about 30 s of waiting per checkpoint).
 
 Layout under s3://bucket/prefix/: one object per checkpoint (`prefix/name`) and `manifest.json`,
 which lists only complete uploads and is written after them. A reader that follows the manifest
 therefore never sees a half-uploaded checkpoint:
 
-    {"version": 1, "latest": "ckpt_000300.pt", "best": "ckpt_000200.pt", "updated": 1700000000.0,
+    {"version": 1, "latest": "ckpt_0000300.pt", "best": "ckpt_0000200.pt", "updated": 1700000000.0,
      "checkpoints": [{"name", "size", "sha256", "etag", "iter", "time", "is_best"}, ...]}
 
-Entries are ordered oldest to newest. Retention keeps the newest `keep` entries plus the best;
-objects leave the bucket only after a manifest without them has been written, and only objects
-that an earlier manifest listed are ever deleted (nothing else under the prefix is touched).
+`latest` is the newest checkpoint submitted with latest=True (the one to resume from; a
+weights-only final checkpoint is submitted with latest=False), `best` the newest submitted with
+is_best=True. Entries are ordered oldest to newest. Retention keeps the newest `keep` entries plus
+the best and the latest; objects leave the bucket only after a manifest without them has been
+written, and only objects that an earlier manifest listed are ever deleted (nothing else under
+the prefix is touched).
 Use a new name for each checkpoint (e.g. ckpt_000100.pt): re-uploading a name replaces its entry,
 but while the new object is on its way the manifest still describes the old one.
 """
@@ -82,8 +87,12 @@ class S3Uploader:
         not_uploaded = up.close(timeout=600)    # before exit
     """
 
-    def __init__(self, s3_uri, keep=3, max_retries=5, backoff=1.0):
+    def __init__(self, s3_uri, keep=3, max_retries=None, backoff=None):
         self.bucket, self.prefix = parse_s3_uri(s3_uri)
+        if max_retries is None:
+            max_retries = int(os.environ.get("WMTP_S3_MAX_RETRIES", 5))
+        if backoff is None:
+            backoff = float(os.environ.get("WMTP_S3_BACKOFF", 1.0))
         if keep < 1:
             raise ValueError(f"s3 keep must be >= 1, got {keep}")
         self.uri = s3_uri
@@ -104,10 +113,11 @@ class S3Uploader:
 
     # -- called from the training thread ------------------------------------------------------
 
-    def submit(self, local_path, name, is_best=False, iter_num=None):
+    def submit(self, local_path, name, is_best=False, iter_num=None, latest=True):
         """Queue `local_path` for upload as `prefix/name`. The file is hard-linked (or copied) to a
         staging name first, so the caller may overwrite `local_path` right away. `iter_num`
-        goes into the manifest (default: the last number in `name`, if any)."""
+        goes into the manifest (default: the last number in `name`, if any). latest=False keeps
+        the manifest's `latest` where it was (for a file that is not a resumable checkpoint)."""
         if iter_num is None:
             digits = re.findall(r"\d+", name)
             iter_num = int(digits[-1]) if digits else None
@@ -127,7 +137,7 @@ class S3Uploader:
             return
         with self._lock:
             self._waiting.append(name)
-        self._queue.put((staged, name, bool(is_best), iter_num))
+        self._queue.put((staged, name, bool(is_best), iter_num, bool(latest)))
 
     def pending(self):
         """Number of submitted checkpoints not uploaded (or given up on) yet."""
@@ -165,12 +175,12 @@ class S3Uploader:
             item = self._queue.get()
             if item is None:
                 return
-            staged, name, is_best, iter_num = item
+            staged, name, is_best, iter_num, latest = item
             try:
                 if self._abort.is_set():
                     self._give_up(name, "uploader closed before the upload finished")
                 else:
-                    self._upload(staged, name, is_best, iter_num)
+                    self._upload(staged, name, is_best, iter_num, latest)
             except Exception as e:  # a bug here must not kill the thread and hang close()
                 self._give_up(name, _one_line(e))
             finally:
@@ -207,7 +217,7 @@ class S3Uploader:
             print(f"s3: warning: unreadable {MANIFEST} in {self.uri}; starting a new one", flush=True)
             return {"version": 1, "latest": None, "best": None, "checkpoints": []}
 
-    def _upload(self, staged, name, is_best, iter_num):
+    def _upload(self, staged, name, is_best, iter_num, latest=True):
         key = _key(self.prefix, name)
         size = os.path.getsize(staged)
         sha = _sha256(staged)
@@ -231,12 +241,14 @@ class S3Uploader:
         entries.append({"name": name, "size": size, "sha256": sha, "etag": etag, "iter": iter_num,
                         "time": time.time(), "is_best": is_best})
         best = name if is_best else self._manifest.get("best")
-        if best not in [c["name"] for c in entries]:
-            best = None
-        kept = [c for i, c in enumerate(entries) if i >= len(entries) - self.keep or c["name"] == best]
+        newest = name if latest else self._manifest.get("latest")
+        names = [c["name"] for c in entries]
+        best = best if best in names else None
+        newest = newest if newest in names else None
+        kept = [c for i, c in enumerate(entries) if i >= len(entries) - self.keep or c["name"] in (best, newest)]
         for c in kept:
             c["is_best"] = c["name"] == best
-        manifest = {"version": 1, "latest": name, "best": best, "updated": time.time(),
+        manifest = {"version": 1, "latest": newest, "best": best, "updated": time.time(),
                     "checkpoints": kept}
 
         def write():

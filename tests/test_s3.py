@@ -188,6 +188,22 @@ def test_retention_keeps_newest_and_best(server, tmp_path):
     assert keys(client) == ["run1/ckpt_5.pt", "run1/ckpt_6.pt", "run1/manifest.json"]
 
 
+def test_latest_false_keeps_the_resume_point(server, tmp_path):
+    """A weights-only file (final.pt) goes up with latest=False: `latest` stays on the newest
+    resumable checkpoint, and retention never drops it, even with keep=1."""
+    _, client = server
+    up = S3Uploader(f"s3://{BUCKET}/run1", keep=1, max_retries=1, backoff=0.05)
+    local = tmp_path / "ckpt.pt"
+    up.submit(make_ckpt(local, 1), "ckpt_1.pt", is_best=True)
+    up.submit(make_ckpt(local, 2), "ckpt_2.pt")
+    up.submit(make_ckpt(local, 2), "final_2.pt", latest=False)
+    assert up.close(timeout=60) == []
+    m = manifest(client)
+    assert (m["latest"], m["best"]) == ("ckpt_2.pt", "ckpt_1.pt")
+    assert [c["name"] for c in m["checkpoints"]] == ["ckpt_1.pt", "ckpt_2.pt", "final_2.pt"]
+    assert download_checkpoint(f"s3://{BUCKET}/run1", str(tmp_path / "dl")).endswith("ckpt_2.pt")
+
+
 def test_empty_prefix_and_unrelated_objects_untouched(server, tmp_path):
     _, client = server
     client.put_object(Bucket=BUCKET, Key="notes.txt", Body=b"not ours")
