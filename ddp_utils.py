@@ -11,6 +11,8 @@ import json
 import math
 import os
 import random
+import sys
+import warnings
 from collections import OrderedDict
 from types import SimpleNamespace
 
@@ -44,16 +46,25 @@ def _pick_device(device):
     return device
 
 
-def setup(device="auto"):
+def setup(device="auto", fsdp=False):
     """Pick the device and, under torchrun (RANK is set), join the process group.
 
-    Returns SimpleNamespace(ddp, rank, local_rank, world_size, device, device_type, master,
+    Returns SimpleNamespace(ddp, fsdp, rank, local_rank, world_size, device, device_type, master,
     local_master). Under DDP on CUDA every process uses cuda:LOCAL_RANK, which is right on
-    every node of a multi-node run (RANK is global, LOCAL_RANK counts GPUs on this machine).
+    every node of a multi-node run (RANK is global, LOCAL_RANK counts GPUs on this machine);
+    `master` (RANK 0) writes files once per run, `local_master` (LOCAL_RANK 0) does per-node work
+    once per machine (e.g. an S3 download onto that machine's disk).
+    fsdp=True (FSDP2, see the FSDP2 section below) needs torchrun, also for one process
+    (`torchrun --standalone --nproc_per_node=1`), and a CUDA or CPU device: a ValueError otherwise.
     """
     device = _pick_device(device)
     device_type = device.split(":")[0]
     ddp = int(os.environ.get("RANK", -1)) != -1
+    if fsdp and not ddp:
+        raise ValueError("fsdp=True needs torchrun (a process group to shard over), e.g. "
+                         "torchrun --standalone --nproc_per_node=N ... (N=1 works too)")
+    if fsdp and device_type == "mps":
+        raise ValueError("fsdp=True runs on CUDA (nccl) or CPU (gloo), not on MPS")
     if ddp:
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -74,7 +85,7 @@ def setup(device="auto"):
             device = "cuda:0"
         if device.startswith("cuda:"):
             torch.cuda.set_device(device)
-    return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size,
+    return SimpleNamespace(ddp=ddp, fsdp=bool(fsdp), rank=rank, local_rank=local_rank, world_size=world_size,
                            device=device, device_type=device_type,
                            master=rank == 0, local_master=local_rank == 0)
 
@@ -143,8 +154,12 @@ def sync_gradients(params, bucket_size=25_000_000):
     gradient on some ranks but not others gets zeros where it is missing, so every rank runs the
     same collectives. Gradients are flattened per (dtype, device) into buckets of about
     `bucket_size` elements, summed, divided by the world size and copied back.
+
+    Under FSDP2 (fsdp=True) the sharded block parameters (DTensors) are skipped: FSDP already
+    reduce-scattered their gradients in backward. What is left is the replicated rest
+    (embeddings, final norm, output, value head), averaged here exactly as under DDP.
     """
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in params if p.requires_grad and not is_sharded(p)]
     if not _distributed() or not params:
         return
     world = dist.get_world_size()
@@ -179,11 +194,13 @@ def sync_gradients(params, bucket_size=25_000_000):
 
 
 def broadcast_parameters(model):
-    """Copy rank 0's parameters and buffers to every rank (no-op in a single process)."""
+    """Copy rank 0's parameters and buffers to every rank (no-op in a single process).
+    FSDP-sharded parameters are skipped: each rank's shard was cut from the same full weights
+    (same seed or same file, see train_common.init_model), and a shard is rank-specific."""
     if not _distributed():
         return
     comm = _comm_device()
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in [t for t in list(model.parameters()) + list(model.buffers()) if not is_sharded(t)]:
         data = torch.view_as_real(t.data) if t.is_complex() else t.data
         if comm is not None and data.device != comm:
             tmp = data.to(comm)
@@ -191,6 +208,123 @@ def broadcast_parameters(model):
             data.copy_(tmp)
         else:
             dist.broadcast(data, src=0)
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 (fsdp=True): every transformer block sharded over the ranks, the small rest replicated
+#
+# Why the blocks and not the root: model.forward_backward calls backward once per MTP head and once
+# more for the trunk. FSDP2 reshards a root's parameters at the end of every backward call, so a
+# sharded root (embeddings, final norm, output) would be resharded after head 0's backward while
+# head 1 still needs them. With only the blocks sharded, each block is its own FSDP root: it is
+# all-gathered for its forward, resharded after it, gathered again for its one backward per
+# micro-step, and its gradient is reduce-scattered (averaged over ranks) at the end of that
+# backward call. The root-level weights (tok_embeddings, norm, output, value_head; 2 * vocab * dim
+# = 262M for 7B, 4.2 GB with fp32 AdamW) stay whole on every rank and sync_gradients averages
+# them once per step, as under DDP. Gradient accumulation: FSDP2 reduce-scatters every micro-step
+# and adds into the sharded gradient (the same average as one sync at the end); skipping the sync
+# with set_requires_gradient_sync(False) would keep every block's full gradient on every GPU
+# until the last micro-step, which is the memory FSDP is here to save.
+
+
+def is_sharded(t):
+    """True for an FSDP2-sharded parameter or gradient (a DTensor). Nothing is one unless
+    torch.distributed.tensor was imported, so single-process runs never import it (~1 s)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def fsdp_shard_blocks(model, ctx, param_dtype=None):
+    """fully_shard every transformer block (trunk and heads, frozen ones too: that is where the
+    memory is) over all ranks (a 1-D mesh, so across nodes too); the rest stays as it is.
+
+    param_dtype: the dtype the gathered weights are used in (bf16 for dtype='bfloat16'; None: as
+    stored). Gradients are reduce-scattered in fp32 into fp32 shards (AdamW's master copy).
+    cast_forward_inputs=False leaves the block inputs as autocast made them (the fp32 residual
+    stream), so the numerics are those of the unsharded model under autocast. fully_shard moves
+    each block's parameters to ctx.device as it shards them: call it with the model still on the
+    CPU and no GPU ever holds the whole model. Call after set_trainable, before the optimizer.
+    torch.compile of the blocks comes after this (train_common.maybe_compile)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(ctx.device_type, (ctx.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in [*model.layers, *model.extra_heads]:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    return model
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_ over a mix of FSDP-sharded (DTensor) and replicated
+    gradients, which torch's own does not combine. Total 2-norm = sqrt(sum over ranks of the
+    squared norms of the local shards + the squared norms of the replicated gradients, which
+    sync_gradients already made equal on every rank, so they count once). Every gradient is then
+    scaled by min(1, max_norm / (norm + 1e-6)), as torch does. The norm is the same on every rank,
+    so a non-finite step is skipped everywhere. Call after sync_gradients."""
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [g.to_local() for g in grads if is_sharded(g)]
+    plain = [g for g in grads if not is_sharded(g)]
+    device = (local + plain)[0].device if local or plain else torch.device("cpu")
+
+    def squared_norm(ts):
+        if not ts:
+            return torch.zeros((), device=device)
+        return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32).to(device) for t in ts]).pow(2).sum()
+
+    total = (all_reduce_sum(squared_norm(local)) + squared_norm(plain)).sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in local + plain:
+        g.mul_(coef.to(g.device, g.dtype))
+    return total
+
+
+def fsdp_full_state_dict(model):
+    """The whole model's state dict, unsharded, on rank 0's CPU ({} on the other ranks); the same
+    keys and dtypes as model.state_dict() without FSDP. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_dcp(path, model, optimizer):
+    """Distributed checkpoint (torch.distributed.checkpoint) of model and optimizer in the folder
+    `path`: every rank writes its own shards in parallel, nothing is gathered; replicated tensors
+    are written once. Every rank calls it; `path` must be on storage that all ranks (all nodes)
+    see, or a later resume cannot read the other ranks' shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def load_dcp(path, model, optimizer):
+    """Load save_dcp's folder into `model` and `optimizer`, whatever their layout now: FSDP-sharded
+    (each rank reads its shards, for any world size) or whole (DDP or a single process: each rank
+    reads everything). DCP reshards on load."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # the layout to load into
+    with warnings.catch_warnings():  # a single process loading is intended here, no need to say so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def load_full_optimizer_state(model, optimizer, saved):
+    """A plain optimizer.state_dict() (a DDP or single-process checkpoint's, parameters numbered in
+    param_groups order) into an optimizer over FSDP-sharded parameters: renumbered by parameter
+    name, then set_optimizer_state_dict(full_state_dict=True) keeps each rank's shard of it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = {id(p): name for name, p in model.named_parameters()}
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(ids) != len(params):
+        raise ValueError(f"the checkpoint's optimizer has {len(ids)} parameters, this run's {len(params)} "
+                         "(another trainable setting?)")
+    fqn = {i: names[id(p)] for i, p in zip(ids, params)}
+    by_name = {"state": {fqn[i]: s for i, s in saved["state"].items()},
+               "param_groups": [dict(g, params=[fqn[i] for i in g["params"]]) for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 # -----------------------------------------------------------------------------

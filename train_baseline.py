@@ -12,6 +12,8 @@ DDP on one machine:
 Several machines (run on each, NODE_RANK = 0, 1):
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
         --rdzv_endpoint=$MASTER_HOST:29500 train_baseline.py config/mtp7b_baseline.py
+FSDP2 (full fine-tuning beyond one GPU's memory; also with --nnodes):
+    torchrun --standalone --nproc_per_node=8 train_baseline.py config/mtp7b_full_fsdp.py
 """
 
 import math
@@ -71,6 +73,7 @@ max_bad_steps = 10  # consecutive non-finite steps before the run stops
 device = "auto"  # 'auto' (cuda > mps > cpu) | 'cuda' | 'cuda:1' | 'mps' | 'cpu'
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # 'float32' | 'bfloat16'
 compile = False  # torch.compile the transformer blocks
+fsdp = False  # FSDP2: shard every transformer block over the ranks (torchrun only; README 'FSDP')
 seed = 1337
 wandb_log = False
 wandb_project = "wmtp"
@@ -82,7 +85,7 @@ config = {k: v for k, v in globals().items() if not k.startswith("_") and isinst
 # -----------------------------------------------------------------------------
 
 try:
-    ctx = ddp_utils.setup(device)
+    ctx = ddp_utils.setup(device, fsdp)
 except ValueError as e:
     tc.fail(e)
 tc.check_config(config, ctx)
@@ -97,12 +100,13 @@ val_loader, _ = loaders["val"]
 # model
 model, resume = tc.init_model(config, ctx, meta, value_head=False)
 n = model.n_future_tokens
-params = tc.set_trainable(model, trainable)
-tc.place_model(model, ctx, dtype)
+tc.set_trainable(model, trainable)
+tc.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
+params = [p for p in model.parameters() if p.requires_grad]  # after place_model: fsdp swaps in shards
 ddp_utils.broadcast_parameters(model)  # identical start on every rank
 tc.maybe_compile(model, compile)
 optimizer = tc.configure_optimizer(params, config, ctx)
-state = tc.restore_state(resume, optimizer, ctx)  # iter, epoch, sampler_pos, best_val_loss
+state = tc.restore_state(resume, optimizer, ctx, model)  # iter, epoch, sampler_pos, best_val_loss
 if max_iters is None:
     max_iters = n_epochs * math.ceil(len(train_loader) / gradient_accumulation_steps)
 logger, uploader = tc.start_run(config, ctx)
@@ -138,13 +142,13 @@ while state["iter"] < max_iters:
                                          naive=naive_backward, ce_chunk_size=ce_chunk_size)
         log_sums += torch.stack([out["head_losses"] * out["head_counts"], out["head_counts"].float()])
         log_tokens += int(batch["lengths"].sum())
-    ddp_utils.sync_gradients(params)  # average over ranks, once per optimizer step
+    ddp_utils.sync_gradients(params)  # average over ranks, once per optimizer step (fsdp: the replicated rest)
     grad_norm, stepped = tc.optimizer_step(optimizer, params, grad_clip)
+    state["iter"] += 1  # counts attempted steps, so a checkpoint's iter matches its data position
     if tc.too_many_bad_steps(stepped, state, config, logger, ctx):
         tc.save_run(model, optimizer, state, config, meta, "baseline", ctx, ("ckpt.pt",), uploader)
         tc.finish_run(logger, uploader, ctx)
         raise SystemExit(1)
-    state["iter"] += 1
 
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         ddp_utils.all_reduce_sum(log_sums)

@@ -8,6 +8,7 @@ its S3 upload). Each script's training loop, losses and evaluation stay in the s
 import dataclasses
 import math
 import os
+import shutil
 import sys
 from contextlib import nullcontext
 
@@ -136,6 +137,8 @@ def init_model(cfg: dict, ctx, meta: dict, value_head):
                     os.replace(downloaded, path)
                 ddp_utils.barrier()
             resume = ddp_utils.load_checkpoint(path)
+            if resume.get("dcp"):  # an FSDP run's optimizer state: a DCP folder beside ckpt.pt
+                resume["dcp"] = os.path.join(os.path.dirname(os.path.abspath(path)), resume["dcp"])
             model = Transformer.from_checkpoint(resume, value_head=value_head, source=path)
         else:
             model = Transformer.load(init_from, device="cpu", dtype=torch.float32, value_head=value_head)
@@ -175,12 +178,21 @@ def set_trainable(model, trainable: str) -> list:
 
 def place_model(model, ctx, dtype: str):
     """Move to the device. Trainable weights stay fp32 (AdamW's master copy); frozen ones are
-    stored in the compute dtype (a frozen bf16 trunk halves its memory). Value head stays fp32."""
-    model.to(ctx.device)
+    stored in the compute dtype (a frozen bf16 trunk halves its memory). Value head stays fp32.
+    fsdp: the frozen weights are cast on the CPU, every block is sharded over the ranks (each
+    keeps 1/world_size of it on its device: ddp_utils.fsdp_shard_blocks), then the replicated
+    rest (embeddings, norm, output, value head) moves; no GPU ever holds the whole model."""
+    if not ctx.fsdp:
+        model.to(ctx.device)
     if dtype != "float32":
         for name, p in model.named_parameters():
             if not p.requires_grad and not name.startswith("value_head."):
                 p.data = p.data.to(PTDTYPE[dtype])
+    if ctx.fsdp:
+        ddp_utils.fsdp_shard_blocks(model, ctx, param_dtype=None if dtype == "float32" else PTDTYPE[dtype])
+        for p in model.parameters():
+            if not ddp_utils.is_sharded(p):
+                p.data = p.data.to(ctx.device)
     return model
 
 
@@ -212,12 +224,27 @@ def get_lr(it: int, cfg: dict, max_iters: int) -> float:
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-def restore_state(resume: dict, optimizer, ctx) -> dict:
-    """Optimizer, position and RNG state of a resumed run (this rank's RNG if it was saved)."""
+def restore_state(resume: dict, optimizer, ctx, model=None) -> dict:
+    """Optimizer, position and RNG state of a resumed run (this rank's RNG if it was saved).
+    Either layout resumes in either mode: a whole optimizer state (DDP or single-process ckpt.pt)
+    is sharded for an FSDP run; an FSDP run's DCP folder (model + optimizer) loads into an FSDP,
+    DDP or single-process run. `model` is needed for both (parameter names, DCP layout)."""
     if resume is None:
         return {"iter": 0, "epoch": 0, "sampler_pos": 0, "best_val_loss": float("inf")}
     if resume.get("optimizer") is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+        if ctx.fsdp:
+            try:
+                ddp_utils.load_full_optimizer_state(model, optimizer, resume["optimizer"])
+            except ValueError as e:
+                fail(f"resume: {e}")
+        else:
+            optimizer.load_state_dict(resume["optimizer"])
+    elif resume.get("dcp"):
+        if os.path.isdir(resume["dcp"]):
+            ddp_utils.load_dcp(resume["dcp"], model, optimizer)
+        elif ctx.master:
+            print(f"resume: {resume['dcp']} (this FSDP checkpoint's optimizer state) is not here; "
+                  "weights resumed, AdamW moments start from zero")
     rngs = resume.get("rng") or []
     if len(rngs) == ctx.world_size:
         ddp_utils.set_rng_state(rngs[ctx.rank])
@@ -299,12 +326,18 @@ def save_run(model, optimizer, state: dict, cfg: dict, meta: dict, stage: str, c
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
+    dcp_dir = None
+    if ctx.fsdp:  # the whole model gathered on rank 0 (same file format); optimizer state sharded (DCP)
+        model_sd = ddp_utils.fsdp_full_state_dict(model)
+        if optimizer is not None:
+            dcp_dir = save_dcp_state(model, optimizer, state, cfg, ctx)
     if ctx.master:
         ckpt = {
-            "model": ddp_utils.clean_state_dict(ddp_utils.unwrap(model).state_dict()),
+            "model": ddp_utils.clean_state_dict(model_sd if ctx.fsdp else ddp_utils.unwrap(model).state_dict()),
             "model_args": dataclasses.asdict(ddp_utils.unwrap(model).args),
             "stage": stage,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": optimizer.state_dict() if optimizer is not None and not ctx.fsdp else None,
+            "dcp": dcp_dir,  # fsdp: model + optimizer state in this folder of out_dir (what resume reads)
             "iter": state["iter"], "epoch": state["epoch"], "sampler_pos": state["sampler_pos"],
             "rng": rngs, "best_val_loss": state["best_val_loss"], "config": cfg,
             "data": {"dir": cfg["data_dir"], "vocab_size": meta["vocab_size"], "tokenizer": meta.get("tokenizer")},
@@ -316,13 +349,39 @@ def save_run(model, optimizer, state: dict, cfg: dict, meta: dict, stage: str, c
             uploader.submit(path, f"{name.split('.')[0]}_{state['iter']:07d}.pt", iter_num=state["iter"],
                             is_best=name == "best.pt" or (name == "ckpt.pt" and "best.pt" in names),
                             latest=name == "ckpt.pt")
+        if dcp_dir is not None:  # ckpt.pt now names the new folder: the older ones can go
+            root = os.path.join(cfg["out_dir"], "ckpt_dcp")
+            for d in os.listdir(root):
+                if os.path.join("ckpt_dcp", d) != dcp_dir:
+                    shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     ddp_utils.barrier()
+
+
+def save_dcp_state(model, optimizer, state: dict, cfg: dict, ctx) -> str:
+    """fsdp: model and optimizer as a distributed checkpoint (every rank writes its own shards) in a
+    new folder out_dir/ckpt_dcp/<iter>; returns that folder relative to out_dir, for ckpt.pt to name.
+    The previous folder is removed only after the new ckpt.pt is written (save_run), so a crash
+    mid-save leaves the previous ckpt.pt and its folder intact. out_dir must be storage that every
+    node sees (the same as for resuming any multi-node run from out_dir)."""
+    name = [None]
+    if ctx.master:
+        base = name[0] = os.path.join("ckpt_dcp", f"{state['iter']:07d}")
+        k = 1
+        while os.path.exists(os.path.join(cfg["out_dir"], name[0])):  # same iter saved twice: never overwrite
+            name[0], k = f"{base}.{k}", k + 1
+    dist.broadcast_object_list(name, src=0)
+    ddp_utils.save_dcp(os.path.join(cfg["out_dir"], name[0]), model, optimizer)
+    return name[0]
 
 
 def optimizer_step(optimizer, params, grad_clip: float):
     """Clip the (already synced) gradients and step, unless their norm is non-finite: then the step
     is skipped, the same way on every rank. One host sync per optimizer step (not per micro-step)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    if any(ddp_utils.is_sharded(p) for p in params):  # fsdp: sharded block grads + replicated rest
+        grad_norm = ddp_utils.clip_grad_norm_(params, max_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     stepped = bool(torch.isfinite(grad_norm))
     if stepped:
         optimizer.step()

@@ -57,6 +57,7 @@ max_bad_steps = 10
 device = "auto"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = False
+fsdp = False  # FSDP2 sharding of the blocks (see train_baseline.py)
 seed = 1337
 wandb_log = False
 wandb_project = "wmtp"
@@ -68,7 +69,7 @@ config = {k: v for k, v in globals().items() if not k.startswith("_") and isinst
 # -----------------------------------------------------------------------------
 
 try:
-    ctx = ddp_utils.setup(device)
+    ctx = ddp_utils.setup(device, fsdp)
 except ValueError as e:
     tc.fail(e)
 tc.check_config(config, ctx)
@@ -80,12 +81,13 @@ train_loader, train_sampler = loaders["train"]
 val_loader, _ = loaders["val"]
 
 model, resume = tc.init_model(config, ctx, meta, value_head=True)  # a fresh value head unless init_from has one
-params = tc.set_trainable(model, trainable)
-tc.place_model(model, ctx, dtype)
+tc.set_trainable(model, trainable)
+tc.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
+params = [p for p in model.parameters() if p.requires_grad]  # after place_model: fsdp swaps in shards
 ddp_utils.broadcast_parameters(model)
 tc.maybe_compile(model, compile)
 optimizer = tc.configure_optimizer(params, config, ctx)
-state = tc.restore_state(resume, optimizer, ctx)
+state = tc.restore_state(resume, optimizer, ctx, model)
 if max_iters is None:
     max_iters = n_epochs * math.ceil(len(train_loader) / gradient_accumulation_steps)
 logger, uploader = tc.start_run(config, ctx)
@@ -124,11 +126,11 @@ while state["iter"] < max_iters:
         log_tokens += int(batch["lengths"].sum())
     ddp_utils.sync_gradients(params)
     grad_norm, stepped = tc.optimizer_step(optimizer, params, grad_clip)
+    state["iter"] += 1  # counts attempted steps, so a checkpoint's iter matches its data position
     if tc.too_many_bad_steps(stepped, state, config, logger, ctx):
         tc.save_run(model, optimizer, state, config, meta, "critic", ctx, ("ckpt.pt",), uploader)
         tc.finish_run(logger, uploader, ctx)
         raise SystemExit(1)
-    state["iter"] += 1
 
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         ddp_utils.all_reduce_sum(log_sums)

@@ -67,6 +67,7 @@ max_bad_steps = 10
 device = "auto"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = False
+fsdp = False  # FSDP2 sharding of the blocks (see train_baseline.py)
 seed = 1337
 wandb_log = False
 wandb_project = "wmtp"
@@ -78,7 +79,7 @@ config = {k: v for k, v in globals().items() if not k.startswith("_") and isinst
 # -----------------------------------------------------------------------------
 
 try:
-    ctx = ddp_utils.setup(device)
+    ctx = ddp_utils.setup(device, fsdp)
 except ValueError as e:
     tc.fail(e)
 tc.check_config(config, ctx)
@@ -93,14 +94,16 @@ val_loader, _ = loaders["val"]
 
 model, resume = tc.init_model(config, ctx, meta, value_head=False)
 n = model.n_future_tokens
-params = tc.set_trainable(model, trainable)
-tc.place_model(model, ctx, dtype)
+tc.set_trainable(model, trainable)
+tc.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
+params = [p for p in model.parameters() if p.requires_grad]  # after place_model: fsdp swaps in shards
 ddp_utils.broadcast_parameters(model)
 tc.maybe_compile(model, compile)
 optimizer = tc.configure_optimizer(params, config, ctx)
-state = tc.restore_state(resume, optimizer, ctx)
+state = tc.restore_state(resume, optimizer, ctx, model)
 
-# the frozen reference: its own copy on every rank, in the compute dtype, outside any sync
+# the frozen reference: its own copy on every rank, in the compute dtype, outside any sync; never
+# sharded, also with fsdp (inference only: 2 bytes/param in bf16, 13.5 GB for 7B; ref_cache runs it once per row)
 try:
     ref_model = Transformer.load(ref_init_from, device=ctx.device, dtype=tc.PTDTYPE[dtype], value_head=False)
 except (FileNotFoundError, ValueError) as e:
@@ -179,11 +182,11 @@ while state["iter"] < max_iters:
         log_tokens += int(batch["lengths"].sum())
     ddp_utils.sync_gradients(params)
     grad_norm, stepped = tc.optimizer_step(optimizer, params, grad_clip)
+    state["iter"] += 1  # counts attempted steps, so a checkpoint's iter matches its data position
     if tc.too_many_bad_steps(stepped, state, config, logger, ctx):
         tc.save_run(model, optimizer, state, config, meta, "rho1", ctx, ("ckpt.pt",), uploader)
         tc.finish_run(logger, uploader, ctx)
         raise SystemExit(1)
-    state["iter"] += 1
 
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         ddp_utils.all_reduce_sum(log_sums)
