@@ -11,4 +11,5 @@ batch_size = 4
 seq_len = 256
 warmup = 2
 iters = 5
-variants = ["base", "naive", "ce256", "n1", "n1+L6", "hf", "compile", "heads", "verifiable", "rho1+cached", "rho1+uncached"]
+variants = ["base", "naive", "ce256", "n1", "n1+L6", "hf", "compile", "heads", "verifiable", "rho1+cached",
+            "rho1+uncached"]

@@ -1,0 +1,564 @@
+"""
+Speed and memory of one full training step (forward, backward, optimizer step) of a model and a
+stage, for several variants side by side in ONE process, with ratios against a baseline variant.
+
+    python bench.py                                    # micro model, default variants (seconds, any machine)
+    python bench.py config/bench_cpu.py                # the small CPU table of dev/LOG.md
+    python bench.py config/bench_1b.py --variants="['base','hf','n1']" --json_out=out/bench_1b.json
+    bash dev/bench_h100.sh                             # the issue-7 set on one H100 (< 8 minutes)
+
+A variant is the settings below plus modifiers joined by '+', applied left to right (e.g. 'naive',
+'rho1+uncached'):
+  base                          the settings as given
+  naive | seq                   forward_backward(naive=True): all heads' graphs at once | sequential heads
+  ce<N>                         ce_chunk_size=N (ce0: plain cross-entropy over full logits)
+  compile | eager               torch.compile of each TransformerBlock (skipped on CPU unless compile_on_cpu)
+  n<k>                          k future tokens with the same trunk depth (n_layers - n_future_tokens + k blocks)
+  L<k>                          n_layers=k blocks in all (after n<k>: 'n1+L22' is a plain 22-layer LLaMA)
+  hf                            Hugging Face LlamaForCausalLM, same dims and n_layers (same parameter
+                                count as our model), its standard next-token loss, same optimizer
+  baseline | verifiable | rho1  the stage's loss, as in train_baseline / train_verifiable / train_rho1.py
+  cached | uncached             rho1: reference CE from a pinned host cache | a frozen reference forward
+  all | heads                   trainable weights (heads: trunk + embeddings frozen, stored in the compute dtype)
+  b<N>                          batch_size=N
+  sync                          step_sync=True: one host sync per step, as the train scripts' optimizer_step
+
+Measured per variant (the JSON has every number; the table rounds them):
+  tokens/s  batch_size * seq_len / step time, mean over `iters` steps after `warmup` steps. The device
+            is synchronized only before and after the timed steps; no .item() inside a step.
+  MFU       flops_per_token() * tokens/s / dense peak FLOP/s of the device (PEAK_FLOPS); null on CPU.
+  peak mem  CUDA: torch.cuda.max_memory_allocated over warm-up + timed steps, reset per variant after
+            the model and optimizer are built. CPU (no allocator peak API): one extra step under
+            torch.profiler(profile_memory=True); its allocation/free events, summed in time order,
+            give the peak bytes above what was live before the step; we add the bytes live before
+            the step (weights and optimizer state of this variant). Counts every tensor allocated
+            through PyTorch's CPU allocator, not library scratch space (oneDNN/MKL) or Python objects.
+"""
+
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import torch
+
+import ddp_utils
+import train_common as tc
+from model import ModelArgs, Transformer
+from weighting import (build_weights, compute_mtp_selective_weights, compute_td_errors, head_targets_mask,
+                       shift_to_heads, value_loss, value_mask)
+
+# -----------------------------------------------------------------------------
+# settings (override with a config file and --key=value); defaults: a micro model, seconds on a CPU
+# model
+dim = 64
+n_layers = 5  # total blocks: trunk (n_layers - n_future_tokens) + n_future_tokens heads
+n_heads = 4
+n_kv_heads = None  # None: = n_heads
+vocab_size = 512
+multiple_of = 32
+ffn_dim_multiplier = None
+n_future_tokens = 4
+# workload
+batch_size = 4  # sequences per step
+seq_len = 64  # tokens per sequence (every row full length; completion = the last 50..87% of it)
+stage = "baseline"  # 'baseline' | 'verifiable' | 'rho1'
+trainable = "all"  # 'all' | 'heads' (trunk frozen; with verifiable also the value head trains)
+ref_cached = True  # rho1: reference CE read from a host cache (True) or a reference forward every step
+value_coef = 0.5  # verifiable: weight of the value MSE
+k_percent = 0.6  # rho1: fraction of each extra head's targets selected
+naive = False  # forward_backward(naive=...)
+ce_chunk_size = 0  # 0: plain CE over (B, S, V) logits; N: chunked CE over N tokens at a time
+compile = False  # torch.compile each TransformerBlock
+compile_on_cpu = False  # also try the 'compile' variants on a CPU (slow to build)
+# optimizer (as train_*.py: AdamW, fused on CUDA, grad clipping)
+learning_rate = 1e-5
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0: no clipping
+step_sync = False  # read the grad norm's isfiniteness on the host every step, as train_common.optimizer_step does
+# system
+device = "auto"  # 'auto' | 'cuda' | 'cuda:N' | 'mps' | 'cpu'
+dtype = ""  # '' = 'bfloat16' on CUDA (if supported), else 'float32'; bf16 runs under autocast
+tf32 = True  # CUDA: TF32 matmuls for float32 (MFU then uses the TF32 peak)
+threads = 0  # torch.set_num_threads (0: torch's default); 1 gives steadier numbers on a busy CPU
+seed = 1337
+# benchmark
+warmup = 2  # untimed steps per variant (compilation happens here)
+iters = 5  # timed steps per variant
+variants = ["base", "naive", "ce32", "n1", "hf", "compile"]
+baseline_variant = ""  # ratios are against this variant ('' = the first one)
+time_budget_s = 0.0  # 0: no limit; otherwise variants that would start after this many seconds are skipped
+json_out = ""  # also write the JSON report here (rewritten after every variant)
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+config = {k: v for k, v in globals().items()
+          if not k.startswith("_") and isinstance(v, (bool, int, float, str, list, type(None)))}
+# -----------------------------------------------------------------------------
+
+# Dense peak FLOP/s per GPU (no structured sparsity: NVIDIA's "with sparsity" figures halved), matched
+# by substring of torch.cuda.get_device_name().lower(), first match wins (so PCIe/NVL before SXM).
+# Sources: NVIDIA H100 datasheet (SXM: BF16 1979 / TF32 989 sparse, FP32 67; PCIe: BF16 1513 / TF32 756
+# sparse, FP32 51; NVL: BF16 1671 / TF32 835 sparse, FP32 60), H200 datasheet (SXM as H100 SXM, NVL as
+# H100 NVL), A100 datasheet (BF16 312 / TF32 156 dense, FP32 19.5).
+PEAK_FLOPS = [
+    ("h100 pcie", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("h100 nvl", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("h200 nvl", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("h100", {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),  # SXM5, e.g. "NVIDIA H100 80GB HBM3"
+    ("h200", {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),  # also GH200
+    ("a100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+]
+
+
+def peak_flops(device_name, dtype, tf32_on):
+    """Dense peak FLOP/s for this GPU and compute dtype, or None if the GPU is not in PEAK_FLOPS."""
+    key = "bf16" if dtype in ("bfloat16", "float16") else ("tf32" if tf32_on else "fp32")
+    for sub, peaks in PEAK_FLOPS:
+        if sub in device_name.lower():
+            return peaks[key]
+    return None
+
+
+def flops_per_token(cfg):
+    """Model FLOPs of one training step per input token, every head counted (PaLM appendix B style).
+
+    A block's matmul weights P = 2*d*d (wq, wo) + 2*d*d_kv (wk, wv) + 3*d*ffn (w1, w2, w3); its forward
+    costs 2*P (one multiply-add per weight) + 4*S*d (QK^T and AV over all S keys: causal masking is not
+    discounted, as in PaLM / nanoGPT). The shared output costs 2*d*V per head. Backward = 2x forward
+    (input grads + weight grads; attention: dQ, dK, dV, dP). A frozen trunk under trainable heads gets
+    no backward at all: nothing below it needs a gradient, so autograd records nothing there. (The head
+    blocks' wq/wk/wv then skip their input grads too, 2*(d*d + 2*d*d_kv) of a block's ~6*P: still
+    counted, as the 6*P convention does.)
+    Not counted (model FLOPs, not hardware FLOPs): chunked CE's logit recompute (+2*d*V per head),
+    norms, RoPE, softmax, the optimizer. Embedding lookups are free.
+      train:  (n_layers - n_trainable_blocks) * fwd_block + 3 * n_trainable_blocks * fwd_block
+              + 3 * n_outputs * 2*d*V
+      + verifiable: value head 6 * (d*d + d);   + rho1 uncached: the reference forward (all blocks, n outputs)
+    """
+    d, S, V, L = cfg["dim"], cfg["seq_len"], cfg["vocab_size"], cfg["n_layers"]
+    args = ModelArgs(dim=d, n_layers=L, n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"], vocab_size=V,
+                     multiple_of=cfg["multiple_of"], ffn_dim_multiplier=cfg["ffn_dim_multiplier"],
+                     n_future_tokens=cfg["n_future_tokens"])
+    n = cfg["n_future_tokens"]
+    n_outputs = 1 if cfg["impl"] == "hf" else n
+    p_block = 2 * d * d + 2 * d * args.n_kv_heads * args.head_dim + 3 * d * args.ffn_hidden_dim
+    fwd_block = 2 * p_block + 4 * S * d
+    fwd_output = 2 * d * V
+    n_train = L if cfg["trainable"] == "all" else n  # 'heads': the last n blocks (for hf: its last n layers)
+    flops = (L - n_train) * fwd_block + 3 * n_train * fwd_block + 3 * n_outputs * fwd_output
+    if cfg["stage"] == "verifiable":
+        flops += 6 * (d * d + d)
+    if cfg["stage"] == "rho1" and not cfg["ref_cached"]:
+        flops += L * fwd_block + n * fwd_output
+    return flops
+
+
+def cpu_step_peak_bytes(step_fn):
+    """Peak bytes allocated by PyTorch's CPU allocator during step_fn(), above the level before it:
+    the profiler's memory events (+bytes per allocation, -bytes per free) summed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step_fn()
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e[0])  # stable: simultaneous events keep their recorded order
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+def live_bytes(tensors):
+    """Bytes of the distinct storages behind these tensors."""
+    storages = {}
+    for t in tensors:
+        if torch.is_tensor(t):
+            s = t.untyped_storage()
+            storages[(s.device, s.data_ptr())] = s.nbytes()
+    return sum(storages.values())
+
+
+def variant_config(name, base):
+    """The settings of one variant: base plus the modifiers in name ('+'-separated)."""
+    cfg = dict(base, name=name, impl="ours")
+    for part in name.split("+"):
+        if part == "base":
+            pass
+        elif part in ("naive", "seq"):
+            cfg["naive"] = part == "naive"
+        elif part in ("compile", "eager"):
+            cfg["compile"] = part == "compile"
+        elif part == "hf":
+            cfg["impl"] = "hf"
+        elif part in ("baseline", "verifiable", "rho1"):
+            cfg["stage"] = part
+        elif part in ("cached", "uncached"):
+            cfg["ref_cached"] = part == "cached"
+        elif part in ("all", "heads"):
+            cfg["trainable"] = part
+        elif part == "sync":
+            cfg["step_sync"] = True
+        elif re.fullmatch(r"ce\d+", part):
+            cfg["ce_chunk_size"] = int(part[2:])
+        elif re.fullmatch(r"n\d+", part):  # same trunk depth, k heads
+            k = int(part[1:])
+            cfg["n_layers"] = base["n_layers"] - base["n_future_tokens"] + k
+            cfg["n_future_tokens"] = k
+        elif re.fullmatch(r"L\d+", part):
+            cfg["n_layers"] = int(part[1:])
+        elif re.fullmatch(r"b\d+", part):
+            cfg["batch_size"] = int(part[1:])
+        else:
+            raise ValueError(f"variant {name!r}: unknown modifier {part!r}")
+    if cfg["stage"] not in ("baseline", "verifiable", "rho1") or cfg["trainable"] not in ("all", "heads"):
+        raise ValueError(f"variant {name!r}: stage {cfg['stage']!r} / trainable {cfg['trainable']!r} unknown")
+    try:
+        flops_per_token(cfg)  # builds ModelArgs: checks dim / heads / n_future_tokens
+    except ValueError as e:
+        raise ValueError(f"variant {name!r}: {e}") from None
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# setup
+
+try:
+    ctx = ddp_utils.setup(device)
+    if ctx.ddp:
+        raise ValueError("bench.py runs in one process (python bench.py), not under torchrun")
+    dtype = dtype or ("bfloat16" if ctx.device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}: use 'float32' or 'bfloat16'")
+    if not variants:
+        raise ValueError("variants is empty")
+    configs = [variant_config(v, config) for v in variants]
+    if warmup < 0 or iters < 1:
+        raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
+    if baseline_variant and baseline_variant not in variants:
+        raise ValueError(f"baseline_variant {baseline_variant!r} is not among variants {variants}")
+except ValueError as e:
+    tc.fail(e)
+config["dtype"] = dtype
+if threads > 0:
+    torch.set_num_threads(threads)
+if ctx.device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+device_type = ctx.device_type
+autocast = tc.autocast_context(ctx, dtype)
+if device_type == "cuda":
+    device_name = torch.cuda.get_device_name(ctx.device)
+    mem_method = "torch.cuda.max_memory_allocated (all steps of the variant)"
+elif device_type == "cpu":
+    device_name = f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    mem_method = "cpu: torch.profiler memory events of one step + weights/optimizer state live before it"
+else:
+    device_name, mem_method = device_type, "none (no peak-memory API on this device)"
+device_peak_flops = peak_flops(device_name, dtype, tf32) if device_type == "cuda" else None
+
+
+def sync():
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+
+def git_commit():
+    try:
+        root = os.path.dirname(os.path.abspath(__file__))
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
+        return (sha.stdout.strip() or "none") + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def make_batches(cfg, n_batches=4):
+    """Random batches on the host (pinned on CUDA): tokens (B, S), loss_mask (B, S), reward (B,),
+    and for cached rho1 the reference CE (B, S, n) (random values: the step's cost does not depend on them)."""
+    B, S, n = cfg["batch_size"], cfg["seq_len"], cfg["n_future_tokens"]
+    g = torch.Generator().manual_seed(cfg["seed"])
+    batches = []
+    for _ in range(n_batches):
+        tokens = torch.randint(0, cfg["vocab_size"], (B, S), generator=g)
+        prompt_len = torch.randint(S // 8, S // 2 + 1, (B, 1), generator=g)
+        loss_mask = (torch.arange(S)[None, :] >= prompt_len).float()
+        reward = torch.randint(0, 2, (B,), generator=g).float()
+        ref_ce = torch.rand(B, S, n, generator=g) * 4 if cfg["stage"] == "rho1" and cfg["ref_cached"] else None
+        batch = [tokens, loss_mask, reward, ref_ce]
+        if device_type == "cuda":
+            batch = [t.pin_memory() if t is not None else None for t in batch]
+        batches.append(batch)
+    return batches
+
+
+# -----------------------------------------------------------------------------
+# models and one training step
+
+def build_ours(cfg, value_head, param_dtype=torch.float32):
+    args = ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"],
+                     vocab_size=cfg["vocab_size"], multiple_of=cfg["multiple_of"],
+                     ffn_dim_multiplier=cfg["ffn_dim_multiplier"], n_future_tokens=cfg["n_future_tokens"],
+                     max_seq_len=cfg["seq_len"])
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(param_dtype)  # built on the device in its final dtype: no host copy of a 7B model
+    try:
+        with torch.device(ctx.device):
+            model = Transformer(args, value_head=value_head)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model
+
+
+def build_hf(cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM  # ImportError: the variant is skipped
+    args = ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"],
+                     vocab_size=cfg["vocab_size"], multiple_of=cfg["multiple_of"],
+                     ffn_dim_multiplier=cfg["ffn_dim_multiplier"])
+    hf_cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                         num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
+                         max_position_embeddings=2 * cfg["seq_len"], rope_theta=args.rope_theta,
+                         tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")
+    with torch.device(ctx.device):
+        model = LlamaForCausalLM(hf_cfg)
+    return model
+
+
+def set_trainable_hf(model, cfg):
+    """'heads' for the peer: its last n_future_tokens layers + final norm + lm_head (as many trainable
+    weights as our heads mode), embeddings and the layers below frozen."""
+    first = cfg["n_layers"] - cfg["n_future_tokens"]
+    params = []
+    for name, p in model.named_parameters():
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        in_head = name.startswith(("model.norm.", "lm_head.")) or (m is not None and int(m.group(1)) >= first)
+        train = cfg["trainable"] == "all" or in_head
+        p.requires_grad_(bool(train))
+        if train:
+            params.append(p)
+    return params
+
+
+@torch.no_grad()
+def reference_ce(ref_model, tokens, ce_chunk):
+    """The frozen reference's per-token CE (B, S, n), one head's logits at a time (as train_rho1.py)."""
+    h = ref_model.trunk_forward(tokens)
+    return torch.stack([ref_model.head_cross_entropy(ref_model.head_forward(h, k), tokens, k, ce_chunk)
+                        for k in range(ref_model.n_future_tokens)], dim=-1).float()
+
+
+def make_step(cfg, model, ref_model, params, optimizer):
+    """One full training step on a host batch; returns the loss as a device tensor (no host sync)."""
+    n = cfg["n_future_tokens"]
+
+    def step(batch):
+        tokens, loss_mask, reward, ref_ce = [t.to(ctx.device, non_blocking=True) if t is not None else None
+                                             for t in batch]
+        if cfg["impl"] == "hf":
+            labels = torch.where(loss_mask > 0, tokens, -100)  # the same completion targets as our head 0
+            with autocast:
+                loss = model(input_ids=tokens, labels=labels).loss
+            loss.backward()
+        else:
+            targets = head_targets_mask(loss_mask, n)  # (B, S, n)
+            kw = dict(naive=cfg["naive"], ce_chunk_size=cfg["ce_chunk_size"])
+            with autocast:
+                if cfg["stage"] == "baseline":
+                    out = model.forward_backward(tokens, targets, **kw)
+                elif cfg["stage"] == "verifiable":
+                    h_trunk = model.trunk_forward(tokens)  # (B, S, dim)
+                    values = model.value(h_trunk)  # (B, S) fp32
+                    td = compute_td_errors(values.detach(), reward, loss_mask)
+                    w_tok = build_weights(td, loss_mask)  # (B, S) detached
+                    v_loss = value_loss(values, reward, value_mask(loss_mask))
+                    out = model.forward_backward(tokens, shift_to_heads(w_tok, n), h_trunk=h_trunk,
+                                                 extra_loss=cfg["value_coef"] * v_loss, **kw)
+                else:  # rho1
+                    if ref_ce is None:
+                        ref_ce = reference_ce(ref_model, tokens, cfg["ce_chunk_size"])
+
+                    def rho1_weights(k, ce_k):  # as train_rho1.py: a 2-head view per extra head
+                        if k == 0:
+                            return targets[..., 0]
+                        excess = torch.stack([torch.zeros_like(ce_k), ce_k - ref_ce[..., k]], dim=-1)
+                        return compute_mtp_selective_weights(excess, targets[..., [0, k]], cfg["k_percent"])[..., 1]
+
+                    out = model.forward_backward(tokens, rho1_weights, **kw)
+            loss = out["loss"]
+        if cfg["grad_clip"] > 0 or cfg["step_sync"]:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
+            if cfg["step_sync"] and not bool(torch.isfinite(norm)):  # the training loop's skip check: a host sync
+                raise RuntimeError("non-finite gradient norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def run_variant(cfg):
+    """Build, warm up, time and measure one variant; returns its result fields."""
+    if cfg["compile"] and device_type != "cuda" and not cfg["compile_on_cpu"]:
+        return {"status": "skipped", "note": f"torch.compile not run on {device_type} (--compile_on_cpu=True to try)"}
+    if cfg["impl"] == "hf":
+        if cfg["stage"] != "baseline":
+            return {"status": "skipped", "note": "the hf peer runs only the standard loss (stage baseline)"}
+        try:
+            model = build_hf(cfg)
+        except ImportError as e:
+            return {"status": "skipped", "note": f"transformers not importable: {e}"}
+        params = set_trainable_hf(model, cfg)
+        blocks = list(model.model.layers)
+    else:
+        model = build_ours(cfg, value_head=cfg["stage"] == "verifiable")
+        trainable_set = cfg["trainable"] + ("+value_head" if cfg["trainable"] == "heads" and model.value_head else "")
+        params = tc.set_trainable(model, trainable_set)
+        blocks = [*model.layers, *model.extra_heads]
+    tc.place_model(model, ctx, dtype)  # frozen weights stored in the compute dtype, as in training
+    model.train()
+    ref_model = None
+    if cfg["impl"] == "ours" and cfg["stage"] == "rho1" and not cfg["ref_cached"]:
+        ref_model = build_ours(cfg, value_head=False, param_dtype=tc.PTDTYPE[dtype]).eval().requires_grad_(False)
+    if cfg["compile"]:
+        for block in blocks:
+            block.compile()
+    optimizer = tc.configure_optimizer(params, cfg, ctx)
+    step = make_step(cfg, model, ref_model, params, optimizer)
+    batches = make_batches(cfg)
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+
+    for i in range(cfg["warmup"]):
+        step(batches[i % len(batches)])
+    sync()
+    t0 = time.perf_counter()
+    for i in range(cfg["iters"]):
+        loss = step(batches[i % len(batches)])
+    sync()
+    dt = (time.perf_counter() - t0) / cfg["iters"]
+    loss = loss.item()
+
+    peak_mem = None
+    if device_type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(ctx.device)
+    elif device_type == "cpu":
+        state = [*model.parameters(), *model.buffers()]
+        state += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        if ref_model is not None:
+            state += list(ref_model.parameters())
+        before = live_bytes(state)
+        peak_mem = before + cpu_step_peak_bytes(lambda: step(batches[0]))
+    tokens = cfg["batch_size"] * cfg["seq_len"]
+    fpt = flops_per_token(cfg)
+    mfu = fpt * tokens / dt / device_peak_flops if device_peak_flops else None
+    return {"status": "ok", "note": "", "step_ms": dt * 1e3, "tokens_per_s": tokens / dt,
+            "flops_per_token": fpt, "mfu": mfu, "peak_mem_bytes": peak_mem,
+            "params": sum(p.numel() for p in model.parameters()), "trainable_params": sum(p.numel() for p in params),
+            "loss": loss}
+
+
+# -----------------------------------------------------------------------------
+# run the variants, print the table and the JSON
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def first_line(e, n=200):
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:n]
+
+
+def report_rows(results, base):
+    """Fill in the ratios against the baseline variant."""
+    b = next((r for r in results if r["name"] == base and r["status"] == "ok"), None)
+    for r in results:
+        ok = b is not None and r["status"] == "ok"
+        r["ratios"] = {
+            "step_time": r["step_ms"] / b["step_ms"] if ok else None,
+            "tokens_per_s": r["tokens_per_s"] / b["tokens_per_s"] if ok else None,
+            "peak_mem": (r["peak_mem_bytes"] / b["peak_mem_bytes"]
+                         if ok and b["peak_mem_bytes"] and r["peak_mem_bytes"] is not None else None),
+        }
+
+
+def table(results):
+    cols = ["variant", "status", "ms/step", "tokens/s", "x time", "MFU %", "peak MiB", "x mem", "params M",
+            "train M", "loss", "note"]
+    rows = []
+    for r in results:
+        x = r["ratios"]
+        mem = r.get("peak_mem_bytes")
+        rows.append([r["name"], r["status"], fmt(r.get("step_ms"), ".1f"), fmt(r.get("tokens_per_s"), ",.0f"),
+                     fmt(x["step_time"], ".3f"), fmt(r["mfu"] * 100 if r.get("mfu") is not None else None, ".1f"),
+                     fmt(mem / 2**20 if mem is not None else None, ",.1f"), fmt(x["peak_mem"], ".3f"),
+                     fmt(r["params"] / 1e6 if r.get("params") else None, ".2f"),
+                     fmt(r["trainable_params"] / 1e6 if r.get("trainable_params") else None, ".2f"),
+                     fmt(r.get("loss"), ".3f"), r["note"]])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.ljust(w) if i in (0, 1, 11) else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+base_name = baseline_variant or variants[0]
+report = {"device": device_name, "device_type": device_type, "torch": torch.__version__, "commit": git_commit(),
+          "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "dtype": dtype,
+          "peak_flops": device_peak_flops, "mem_method": mem_method, "baseline_variant": base_name, "config": config,
+          "results": []}
+print(f"bench: {device_name}, torch {torch.__version__}, commit {report['commit']}, dtype {dtype}, "
+      f"B={batch_size} S={seq_len}, stage {stage}, trainable {trainable}, warmup {warmup}, iters {iters}")
+print(f"peak memory: {mem_method}; peak FLOP/s for MFU: {fmt(device_peak_flops, '.3g')}")
+t_start = time.time()
+for cfg in configs:
+    keys = ("impl", "stage", "trainable", "n_layers", "n_future_tokens", "batch_size", "naive", "ce_chunk_size",
+            "compile", "ref_cached", "step_sync")
+    r = {"name": cfg["name"], **{k: cfg[k] for k in keys}, "status": "error", "note": "", "step_ms": None,
+         "tokens_per_s": None, "flops_per_token": None, "mfu": None, "peak_mem_bytes": None, "params": None,
+         "trainable_params": None, "loss": None}
+    if time_budget_s > 0 and time.time() - t_start > time_budget_s:
+        r.update(status="skipped", note=f"time budget {time_budget_s:.0f} s spent")
+    else:
+        print(f"running {cfg['name']} ...", flush=True)
+        torch.manual_seed(cfg["seed"])
+        try:
+            r.update(run_variant(cfg))
+        except torch.OutOfMemoryError as e:  # = torch.cuda.OutOfMemoryError
+            r.update(status="oom", note=first_line(e))
+        except RuntimeError as e:  # the CPU allocator's OOM is a plain RuntimeError
+            oom = "can't allocate memory" in str(e) or "out of memory" in str(e)
+            r.update(status="oom" if oom else "error", note=first_line(e))
+        except Exception as e:  # noqa: BLE001  (one variant failing must not stop the others)
+            r.update(status="error", note=first_line(e))
+    # the variant's model, optimizer and any exception frames are gone now; give their memory back
+    gc.collect()
+    if cfg["compile"]:
+        torch._dynamo.reset()
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+    report["results"].append(r)
+    report_rows(report["results"], base_name)
+    if r["status"] == "ok":
+        mem = r["peak_mem_bytes"] / 2**20 if r["peak_mem_bytes"] is not None else None
+        mfu = r["mfu"] * 100 if r["mfu"] is not None else None
+        print(f"  {r['name']}: {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
+              f"MFU {fmt(mfu, '.1f')} %, peak {fmt(mem, ',.1f')} MiB", flush=True)
+    else:
+        print(f"  {r['name']}: {r['status']} ({r['note']})", flush=True)
+    if json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
+        with open(json_out, "w") as f:
+            json.dump(report, f, indent=1)
+
+print()
+print(table(report["results"]))
+print(f"ratios: x time = step time / {base_name}'s, x mem = peak memory / {base_name}'s")
+print(json.dumps(report))
