@@ -48,7 +48,9 @@ import torch
 
 import ddp_utils
 import train_common as tc
+from ddp_utils import peak_flops
 from model import ModelArgs, Transformer
+from model import flops_per_token as model_flops_per_token
 from weighting import (build_weights, compute_mtp_selective_weights, compute_td_errors, head_targets_mask,
                        shift_to_heads, value_loss, value_mask)
 
@@ -100,30 +102,6 @@ config = {k: v for k, v in globals().items()
           if not k.startswith("_") and isinstance(v, (bool, int, float, str, list, type(None)))}
 # -----------------------------------------------------------------------------
 
-# Dense peak FLOP/s per GPU (no structured sparsity: NVIDIA's "with sparsity" figures halved), matched
-# by substring of torch.cuda.get_device_name().lower(), first match wins (so PCIe/NVL before SXM).
-# Sources: NVIDIA H100 datasheet (SXM: BF16 1979 / TF32 989 sparse, FP32 67; PCIe: BF16 1513 / TF32 756
-# sparse, FP32 51; NVL: BF16 1671 / TF32 835 sparse, FP32 60), H200 datasheet (SXM as H100 SXM, NVL as
-# H100 NVL), A100 datasheet (BF16 312 / TF32 156 dense, FP32 19.5).
-PEAK_FLOPS = [
-    ("h100 pcie", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
-    ("h100 nvl", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
-    ("h200 nvl", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
-    ("h100", {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),  # SXM5, e.g. "NVIDIA H100 80GB HBM3"
-    ("h200", {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),  # also GH200
-    ("a100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
-]
-
-
-def peak_flops(device_name, dtype, tf32_on):
-    """Dense peak FLOP/s for this GPU and compute dtype, or None if the GPU is not in PEAK_FLOPS."""
-    key = "bf16" if dtype in ("bfloat16", "float16") else ("tf32" if tf32_on else "fp32")
-    for sub, peaks in PEAK_FLOPS:
-        if sub in device_name.lower():
-            return peaks[key]
-    return None
-
-
 def flops_per_token(cfg):
     """Model FLOPs of one training step per input token, every head counted (PaLM appendix B style).
 
@@ -146,11 +124,9 @@ def flops_per_token(cfg):
                      n_future_tokens=cfg["n_future_tokens"])
     n = cfg["n_future_tokens"]
     n_outputs = 1 if cfg["impl"] == "hf" else n
-    p_block = 2 * d * d + 2 * d * args.n_kv_heads * args.head_dim + 3 * d * args.ffn_hidden_dim
-    fwd_block = 2 * p_block + 4 * S * d
-    fwd_output = 2 * d * V
     n_train = L if cfg["trainable"] == "all" else n  # 'heads': the last n blocks (for hf: its last n layers)
-    flops = (L - n_train) * fwd_block + 3 * n_train * fwd_block + 3 * n_outputs * fwd_output
+    flops = model_flops_per_token(args, S, n_train, n_outputs)
+    fwd_block, fwd_output = model_flops_per_token(args, S, 0, 0, forward_block_only=True), 2 * d * V
     if cfg["stage"] == "verifiable":
         flops += 6 * (d * d + d)
     if cfg["stage"] == "rho1" and not cfg["ref_cached"]:

@@ -530,3 +530,30 @@ def _fmt(v):
 def format_metrics(d):
     """One compact console line, e.g. 'iter 100 | train/loss 2.346 | lr 3.00e-04 | tok/s 51234'."""
     return " | ".join(f"{k} {_fmt(_plain(v))}" for k, v in d.items())
+
+
+# -----------------------------------------------------------------------------
+# hardware peaks (MFU in the training logs and bench.py)
+
+# Dense peak FLOP/s per GPU (no structured sparsity: NVIDIA's "with sparsity" figures halved), matched
+# by substring of torch.cuda.get_device_name().lower(), first match wins (so PCIe/NVL before SXM).
+# Sources: NVIDIA H100 datasheet (SXM: BF16 1979 / TF32 989 sparse, FP32 67; PCIe: BF16 1513 / TF32 756
+# sparse, FP32 51; NVL: BF16 1671 / TF32 835 sparse, FP32 60), H200 datasheet (SXM as H100 SXM, NVL as
+# H100 NVL), A100 datasheet (BF16 312 / TF32 156 dense, FP32 19.5).
+PEAK_FLOPS = [
+    ("h100 pcie", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("h100 nvl", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("h200 nvl", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("h100", {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),  # SXM5, e.g. "NVIDIA H100 80GB HBM3"
+    ("h200", {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),  # also GH200
+    ("a100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+]
+
+
+def peak_flops(device_name, dtype, tf32_on):
+    """Dense peak FLOP/s for this GPU and compute dtype, or None if the GPU is not in PEAK_FLOPS."""
+    key = "bf16" if dtype in ("bfloat16", "float16") else ("tf32" if tf32_on else "fp32")
+    for sub, peaks in PEAK_FLOPS:
+        if sub in device_name.lower():
+            return peaks[key]
+    return None

@@ -46,6 +46,23 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+def flops_per_token(args: "ModelArgs", seq_len: int, n_trainable_blocks: int, n_outputs: int,
+                    forward_block_only: bool = False) -> int:
+    """Model FLOPs of one training step per token, every head counted (PaLM appendix B style).
+    A block's forward: 2 * its matmul weights + 4 * seq_len * dim (QK^T and AV; causal masking not
+    discounted). Trainable blocks cost 3x forward (backward = 2x); frozen blocks forward only (with a
+    frozen trunk nothing below needs a gradient). Each of the n_outputs heads' output projection:
+    3 * 2 * dim * vocab. Not counted: norms, RoPE, softmax, chunked CE's logit recompute."""
+    d = args.dim
+    p_block = 2 * d * d + 2 * d * args.n_kv_heads * args.head_dim + 3 * d * args.ffn_hidden_dim
+    fwd_block = 2 * p_block + 4 * seq_len * d
+    if forward_block_only:
+        return fwd_block
+    n_blocks = args.n_layers
+    return ((n_blocks - n_trainable_blocks) * fwd_block + 3 * n_trainable_blocks * fwd_block
+            + 3 * n_outputs * 2 * d * args.vocab_size)
+
+
 def meta_weights_path(meta_dir: str) -> str:
     """consolidated.pth (or a single-shard consolidated.00.pth) of a Meta-format directory."""
     for name in ("consolidated.pth", "consolidated.00.pth"):

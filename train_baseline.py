@@ -156,7 +156,9 @@ while state["iter"] < max_iters:
         head_loss = (log_sums[0] / log_sums[1].clamp(min=1)).tolist()
         tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"], "train/loss": sum(head_loss) / n,
                                 "train/head_loss": head_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                                "tokens_per_s": tokens_all / (time.time() - t_log), "mem_gb": tc.memory_gb(ctx)})
+                                "tokens_per_s": tokens_all / (time.time() - t_log),
+                                "mfu": tc.mfu(model, ctx, dtype, tokens_all / (time.time() - t_log), max_length),
+                                "mem_gb": tc.memory_gb(ctx)})
         log_sums.zero_()
         log_tokens, t_log = 0, time.time()
 

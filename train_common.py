@@ -447,6 +447,24 @@ def finish_run(logger, uploader, ctx):
     ddp_utils.cleanup()
 
 
+def mfu(model, ctx, dtype: str, tokens_per_s: float, seq_len: float):
+    """Model FLOPs utilisation against the GPU's dense peak (None on CPU/MPS or an unknown GPU);
+    every head's FLOPs counted (model.flops_per_token), attention at seq_len = max_length (an
+    upper bound for shorter rows)."""
+    if ctx.device_type != "cuda":
+        return None
+    peak = ddp_utils.peak_flops(torch.cuda.get_device_name(), dtype, torch.backends.cuda.matmul.allow_tf32)
+    if not peak:
+        return None
+    from model import flops_per_token
+    m = ddp_utils.unwrap(model)
+    blocks = [*m.layers, *m.extra_heads]
+    n_trainable = sum(any(p.requires_grad for p in b.parameters()) for b in blocks)
+    any_head_trains = m.output.weight.requires_grad or n_trainable > 0
+    fpt = flops_per_token(m.args, int(seq_len), n_trainable, m.n_future_tokens if any_head_trains else 0)
+    return fpt * tokens_per_s / (peak * ctx.world_size)
+
+
 def memory_gb(ctx) -> float:
     if ctx.device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9

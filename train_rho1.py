@@ -196,7 +196,9 @@ while state["iter"] < max_iters:
                                 "train/head_loss": head_loss,
                                 "rho1/selected_frac": (log_sums[1] / log_sums[2].clamp(min=1)).tolist(),
                                 "rho1/cached_rows": len(cache), "lr": lr, "grad_norm": grad_norm.item(),
-                                "tokens_per_s": tokens_all / (time.time() - t_log), "mem_gb": tc.memory_gb(ctx)})
+                                "tokens_per_s": tokens_all / (time.time() - t_log),
+                                "mfu": tc.mfu(model, ctx, dtype, tokens_all / (time.time() - t_log), max_length),
+                                "mem_gb": tc.memory_gb(ctx)})
         log_sums.zero_()
         log_tokens, t_log = 0, time.time()
 

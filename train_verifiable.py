@@ -186,7 +186,9 @@ while state["iter"] < max_iters:
                                 "train/value_mse": (log_value[0] / log_value[1].clamp(min=1)).item(),
                                 **{f"weights/{k}": v for k, v in stats.items()},  # last micro-batch of this rank
                                 "lr": lr, "grad_norm": grad_norm.item(),
-                                "tokens_per_s": tokens_all / (time.time() - t_log), "mem_gb": tc.memory_gb(ctx)})
+                                "tokens_per_s": tokens_all / (time.time() - t_log),
+                                "mfu": tc.mfu(model, ctx, dtype, tokens_all / (time.time() - t_log), max_length),
+                                "mem_gb": tc.memory_gb(ctx)})
         log_sums.zero_()
         log_value.zero_()
         log_tokens, t_log = 0, time.time()
