@@ -54,11 +54,6 @@ def check_config(cfg: dict, ctx):
                 "s3_keep"):
         if key in cfg and cfg[key] < 1:
             fail(f"{key} must be >= 1, got {cfg[key]}")
-    if cfg.get("global_batch_size"):
-        per_step = cfg["batch_size"] * ctx.world_size
-        if cfg["global_batch_size"] % per_step:
-            fail(f"global_batch_size {cfg['global_batch_size']} is not divisible by batch_size * world_size "
-                 f"= {cfg['batch_size']} * {ctx.world_size}")
 
 
 def autocast_context(ctx, dtype: str):
