@@ -539,9 +539,11 @@ class Transformer(nn.Module):
 
     # --- loading ----------------------------------------------------------------------------
 
-    def load_weights(self, state_dict: dict, source: str = "checkpoint", allow_missing_value_head: bool = True):
+    def load_weights(self, state_dict: dict, source: str = "checkpoint", allow_missing_value_head: bool = True,
+                     assign: bool = False, shape_hint: str = "checkpoint is from another model shape"):
         """Strict load with a one-line error naming missing/unexpected keys and shape mismatches.
-        A checkpoint without `value_head.*` keys loads into a model with a fresh value head."""
+        A checkpoint without `value_head.*` keys loads into a model with a fresh value head.
+        assign=True replaces the parameters (a model built on the meta device) instead of copying."""
         own = self.state_dict()
         missing = [k for k in own if k not in state_dict and not (allow_missing_value_head and k.startswith("value_head."))]
         unexpected = [k for k in state_dict if k not in own]
@@ -551,8 +553,8 @@ class Transformer(nn.Module):
                              f"{' ...' if len(unexpected) > 8 else ''}")
         bad = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state_dict.items() if v.shape != own[k].shape]
         if bad:
-            raise ValueError(f"{source}: checkpoint is from another model shape: {bad[:4]}")
-        self.load_state_dict(state_dict, strict=False)
+            raise ValueError(f"{source}: {shape_hint}: {bad[:4]}")
+        self.load_state_dict(state_dict, strict=not allow_missing_value_head, assign=assign)
 
     @classmethod
     def from_pretrained(cls, path: str, device="cpu", dtype=torch.bfloat16, value_head: Optional[bool] = False,
@@ -577,7 +579,8 @@ class Transformer(nn.Module):
         args = ModelArgs.from_dict(params, source=params_path)
         with torch.device("meta"):
             model = cls(args, value_head=False)
-        model.load_state_dict_meta(state_dict, source=ckpt_path)
+        model.load_weights(state_dict, source=ckpt_path, allow_missing_value_head=False, assign=True,
+                           shape_hint="shapes do not match params.json")
         model.to(device=device, dtype=dtype)
         value_head_path = os.path.join(path, "value_head.pth")
         if value_head is not False and os.path.isfile(value_head_path):
@@ -638,19 +641,6 @@ class Transformer(nn.Module):
         if model.value_head is not None:
             model.value_head.float()
         return model
-
-    def load_state_dict_meta(self, state_dict, source):
-        """load_weights for a model built on the meta device (parameters are replaced, not copied)."""
-        own = {k: v for k, v in self.state_dict().items()}
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        if missing or unexpected:
-            raise ValueError(f"{source}: keys do not match Meta's layout for these params: missing {missing[:8]}, "
-                             f"unexpected {unexpected[:8]}")
-        bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items() if v.shape != own[k].shape]
-        if bad:
-            raise ValueError(f"{source}: shapes do not match params.json: {bad[:4]}")
-        self.load_state_dict(state_dict, strict=True, assign=True)
 
 
 def sample_next(logits, temperature: float = 0.0, top_k: Optional[int] = None, generator=None):
