@@ -21,6 +21,7 @@ A variant is the settings below plus modifiers joined by '+', applied left to ri
   cached | uncached             rho1: reference CE from a pinned host cache | a frozen reference forward
   all | heads                   trainable weights (heads: trunk + embeddings frozen, stored in the compute dtype)
   b<N>                          batch_size=N
+  V<N> | pad<k>                 vocab_size=N | pad_vocab_multiple=k (e.g. 'V32001' vs 'V32001+pad64')
   sync                          step_sync=True: one host sync per step, as the train scripts' optimizer_step
 
 Measured per variant (the JSON has every number; the table rounds them):
@@ -65,6 +66,7 @@ vocab_size = 512
 multiple_of = 32
 ffn_dim_multiplier = None
 n_future_tokens = 4
+pad_vocab_multiple = 1  # embedding/output rows padded to a multiple of this (padded logits masked)
 # workload
 batch_size = 4  # sequences per step
 seq_len = 64  # tokens per sequence (every row full length; completion = the last 50..87% of it)
@@ -113,7 +115,7 @@ def flops_per_token(cfg):
     blocks' wq/wk/wv then skip their input grads too, 2*(d*d + 2*d*d_kv) of a block's ~6*P: still
     counted, as the 6*P convention does.)
     Not counted (model FLOPs, not hardware FLOPs): chunked CE's logit recompute (+2*d*V per head),
-    norms, RoPE, softmax, the optimizer. Embedding lookups are free.
+    norms, RoPE, softmax, the optimizer, vocab padding (V is the real vocab). Embedding lookups are free.
       train:  (n_layers - n_trainable_blocks) * fwd_block + 3 * n_trainable_blocks * fwd_block
               + 3 * n_outputs * 2*d*V
       + verifiable: value head 6 * (d*d + d);   + rho1 uncached: the reference forward (all blocks, n outputs)
@@ -190,6 +192,10 @@ def variant_config(name, base):
             cfg["n_layers"] = int(part[1:])
         elif re.fullmatch(r"b\d+", part):
             cfg["batch_size"] = int(part[1:])
+        elif re.fullmatch(r"V\d+", part):
+            cfg["vocab_size"] = int(part[1:])
+        elif re.fullmatch(r"pad\d+", part):
+            cfg["pad_vocab_multiple"] = int(part[3:])
         else:
             raise ValueError(f"variant {name!r}: unknown modifier {part!r}")
     if cfg["stage"] not in ("baseline", "verifiable", "rho1") or cfg["trainable"] not in ("all", "heads"):
@@ -282,7 +288,7 @@ def build_ours(cfg, value_head, param_dtype=torch.float32):
     args = ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"],
                      vocab_size=cfg["vocab_size"], multiple_of=cfg["multiple_of"],
                      ffn_dim_multiplier=cfg["ffn_dim_multiplier"], n_future_tokens=cfg["n_future_tokens"],
-                     max_seq_len=cfg["seq_len"])
+                     max_seq_len=cfg["seq_len"], pad_vocab_multiple=cfg["pad_vocab_multiple"])
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(param_dtype)  # built on the device in its final dtype: no host copy of a 7B model
     try:

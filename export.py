@@ -147,7 +147,10 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype="bfloat16", tokenizer_
 
     consolidated = {}
     for k in expected:  # Meta's key order
-        consolidated[k] = to_compact(state_dict[k], torch_dtype)
+        tensor = state_dict[k]
+        if k in ("tok_embeddings.weight", "output.weight"):  # vocab padding (pad_vocab_multiple) stays behind
+            tensor = tensor[:args.vocab_size]
+        consolidated[k] = to_compact(tensor, torch_dtype)
         if torch_dtype == torch.float16 and not torch.isfinite(consolidated[k]).all():
             raise ValueError(f"{k}: values overflow float16 (max 65504); export as bfloat16 or float32")
 

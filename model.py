@@ -14,6 +14,7 @@ Models via Multi-token Prediction"). The memory-efficient training step (forward
 the paper's sequential head backward: the n heads' (B, S, V) logits never exist at once.
 """
 
+import dataclasses
 import json
 import os
 import warnings
@@ -52,7 +53,8 @@ def flops_per_token(args: "ModelArgs", seq_len: int, n_trainable_blocks: int, n_
     A block's forward: 2 * its matmul weights + 4 * seq_len * dim (QK^T and AV; causal masking not
     discounted). Trainable blocks cost 3x forward (backward = 2x); frozen blocks forward only (with a
     frozen trunk nothing below needs a gradient). Each of the n_outputs heads' output projection:
-    3 * 2 * dim * vocab. Not counted: norms, RoPE, softmax, chunked CE's logit recompute."""
+    3 * 2 * dim * vocab_size. Not counted: norms, RoPE, softmax, chunked CE's logit recompute, vocab
+    padding (its columns are not model FLOPs)."""
     d = args.dim
     p_block = 2 * d * d + 2 * d * args.n_kv_heads * args.head_dim + 3 * d * args.ffn_hidden_dim
     fwd_block = 2 * p_block + 4 * seq_len * d
@@ -85,6 +87,10 @@ class ModelArgs:
     rope_theta: float = 10000.0
     n_future_tokens: int = 1
     max_seq_len: int = 2048  # RoPE table covers 2 * max_seq_len positions, as in Meta's code
+    # not in Meta's params.json: embedding and output rows rounded up to a multiple of this, so the
+    # output matmul has tensor-core friendly shapes; the padded ids' logits are -inf (never
+    # predicted, zero gradient) and export.py drops the rows. 1: exactly vocab_size rows.
+    pad_vocab_multiple: int = 1
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "params") -> "ModelArgs":
@@ -103,6 +109,14 @@ class ModelArgs:
                              "dim must divide by n_heads and n_heads by n_kv_heads")
         if not 1 <= self.n_future_tokens <= self.n_layers:
             raise ValueError(f"n_future_tokens={self.n_future_tokens} must be in [1, n_layers={self.n_layers}]")
+        if not isinstance(self.pad_vocab_multiple, int) or self.pad_vocab_multiple < 1:
+            raise ValueError(f"pad_vocab_multiple={self.pad_vocab_multiple!r} must be an integer >= 1")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the output projection: vocab_size rounded up to pad_vocab_multiple."""
+        m = self.pad_vocab_multiple
+        return m * ((self.vocab_size + m - 1) // m)
 
     @property
     def head_dim(self) -> int:
@@ -242,24 +256,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Forward walks over chunks of tokens and keeps only the log-sum-exp per token; backward
     recomputes each chunk's logits (one extra matmul) to form softmax - onehot. Targets < 0 give 0.
+    Columns from vocab_size on (vocab padding) are set to -inf: probability 0, gradient 0.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size):
-        # h: (N, D) in the compute dtype; weight: (V, D) parameter; targets: (N,) long
+    def forward(ctx, h, weight, targets, chunk_size, vocab_size):
+        # h: (N, D) in the compute dtype; weight: (Vp, D) parameter; targets: (N,) long
         w = weight.to(h.dtype)
         N = h.shape[0]
         ce = torch.empty(N, dtype=torch.float32, device=h.device)
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
         for s in range(0, N, chunk_size):
-            logits = (h[s:s + chunk_size] @ w.t()).float()  # (c, V)
+            logits = (h[s:s + chunk_size] @ w.t()).float()  # (c, Vp)
+            logits[:, vocab_size:] = float("-inf")
             t = targets[s:s + chunk_size]
             lse_c = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
             ce[s:s + chunk_size] = torch.where(t >= 0, lse_c - picked, 0.0)
             lse[s:s + chunk_size] = lse_c
         ctx.save_for_backward(h, weight, targets, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.vocab_size = chunk_size, vocab_size
         return ce
 
     @staticmethod
@@ -271,14 +287,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         c = ctx.chunk_size
         for s in range(0, h.shape[0], c):
             t = targets[s:s + c]
-            logits = (h[s:s + c] @ w.t()).float()  # (c, V)
+            logits = (h[s:s + c] @ w.t()).float()  # (c, Vp)
+            logits[:, ctx.vocab_size:] = float("-inf")
             dlogits = torch.exp(logits - lse[s:s + c, None])  # softmax
             dlogits.scatter_add_(1, t.clamp(min=0)[:, None], -torch.ones_like(dlogits[:, :1]))
             g = torch.where(t >= 0, grad_ce[s:s + c].float(), 0.0)  # (c,)
             dlogits = (dlogits * g[:, None]).to(h.dtype)
             grad_h[s:s + c] = dlogits @ w
             grad_w += (dlogits.t() @ h[s:s + c]).float()
-        return grad_h, grad_w.to(weight.dtype), None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None
 
 
 def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
@@ -307,14 +324,38 @@ class Transformer(nn.Module):
         self.value_head = ValueHead(args.dim, args.norm_eps) if value_head else None
         # RoPE table as (cos, sin) in fp32; a plain attribute (not a buffer) so .to(bf16) never rounds it
         self.rope = torch.view_as_real(precompute_freqs_cis(args.head_dim, 2 * args.max_seq_len, args.rope_theta))
+        self._vocab_bias = None  # (Vp,) 0 for real ids, -inf for padded ones; built on first use
+        self._set_vocab_rows(args.padded_vocab_size)  # after the unpadded constructors: same random draws
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module):
+    def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            rows = module.weight
+            if module is self.tok_embeddings or module is self.output:  # padded rows stay 0 and the
+                nn.init.zeros_(rows)  # random draws are those of an unpadded model (same seed, same init)
+                rows = rows[:self.args.vocab_size]
+            nn.init.normal_(rows, mean=0.0, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    def pad_vocab(self, multiple: int) -> "Transformer":
+        """Re-lay the embedding and output rows for args.pad_vocab_multiple = multiple (real rows
+        kept, new padded rows 0). Call before the optimizer is built: the parameters are replaced."""
+        self.args = dataclasses.replace(self.args, pad_vocab_multiple=multiple)
+        self._set_vocab_rows(self.args.padded_vocab_size)
+        return self
+
+    def _set_vocab_rows(self, rows: int):
+        """Give the embedding and the output `rows` rows: the first vocab_size kept, the rest 0."""
+        V = self.args.vocab_size
+        for module in (self.tok_embeddings, self.output):
+            w = module.weight
+            if w.shape[0] != rows:
+                new = torch.zeros(rows, w.shape[1], dtype=w.dtype, device=w.device)
+                new[:V] = w.detach()[:V]
+                module.weight = nn.Parameter(new, requires_grad=w.requires_grad)
+        self.tok_embeddings.num_embeddings = self.output.out_features = rows
+        self._vocab_bias = None
 
     def add_value_head(self):
         """Attach a freshly initialised fp32 value head (e.g. after loading a Meta checkpoint)."""
@@ -329,6 +370,17 @@ class Transformer(nn.Module):
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def logits(self, h):
+        """The shared output projection: normed h (..., dim) -> logits (..., padded_vocab_size) in the
+        compute dtype. Padded ids get -inf through the matmul's bias (fused into the GEMM epilogue)."""
+        if self.args.padded_vocab_size == self.args.vocab_size:
+            return self.output(h)
+        w = self.output.weight
+        if self._vocab_bias is None or self._vocab_bias.device != w.device:
+            self._vocab_bias = torch.zeros(self.args.padded_vocab_size, device=w.device)
+            self._vocab_bias[self.args.vocab_size:] = float("-inf")
+        return F.linear(h, w, self._vocab_bias.to(_compute_dtype(h.device.type, w.dtype)))
 
     def _rope(self, device, start_pos: int, seqlen: int, positions=None):
         if self.rope.device != device:
@@ -360,7 +412,7 @@ class Transformer(nn.Module):
         n_use = self.n_future_tokens if return_all_heads else 1
         latents = [self.heads()[k](h_trunk, self._rope(tokens.device, 0, tokens.shape[1])) for k in range(n_use)]
         h = self.norm(torch.stack(latents, dim=-2))  # (B, S, n_use, dim)
-        return self.output(h).float()
+        return self.logits(h).float()[..., :self.args.vocab_size]  # (B, S, n_use, V)
 
     def value(self, h_trunk):
         """Value head: h_trunk (B, S, dim) -> V (B, S) float32, the estimate of R after token t."""
@@ -378,9 +430,10 @@ class Transformer(nn.Module):
         targets[:, :S - k - 1] = tokens[:, k + 1:]  # (B, S), -1 = no target
         if ce_chunk_size and ce_chunk_size > 0:
             h = hk.reshape(B * S, -1).to(_compute_dtype(hk.device.type, hk.dtype))
-            ce = _ChunkedLinearCrossEntropy.apply(h, self.output.weight, targets.reshape(-1), ce_chunk_size)
+            ce = _ChunkedLinearCrossEntropy.apply(h, self.output.weight, targets.reshape(-1), ce_chunk_size,
+                                                  self.args.vocab_size)
             return ce.view(B, S)
-        logits = self.output(hk).float()  # (B, S, V)
+        logits = self.logits(hk).float()  # (B, S, Vp), padded ids at -inf
         ce = F.cross_entropy(logits.view(B * S, -1), targets.view(-1), ignore_index=-1, reduction="none")
         return ce.view(B, S)
 
@@ -451,7 +504,7 @@ class Transformer(nn.Module):
         acc = torch.float32 if tokens.device.type == "mps" else torch.float64
         ce_sum, count, correct = [], [], []
         for k in range(self.n_future_tokens):
-            logits = self.output(self.head_forward(h_trunk, k)).float()[:, : S - k - 1]  # (B, S-k-1, V)
+            logits = self.logits(self.head_forward(h_trunk, k)).float()[:, : S - k - 1]  # (B, S-k-1, Vp)
             target = tokens[:, k + 1:]  # (B, S-k-1)
             m = targets_mask[:, : S - k - 1, k].to(acc)
             ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, S-k-1)
@@ -485,7 +538,8 @@ class Transformer(nn.Module):
         h_trunk = self.trunk_forward(tokens, start_pos, mask, positions)
         latents = [self.heads()[k](h_trunk, self._rope(tokens.device, start_pos, S, positions), mask, start_pos)
                    for k in range(n_heads)]
-        return self.output(self.norm(torch.stack(latents, dim=-2))).float()  # (B, S, n_heads, V)
+        h = self.norm(torch.stack(latents, dim=-2))  # (B, S, n_heads, dim)
+        return self.logits(h).float()[..., :self.args.vocab_size]  # (B, S, n_heads, V)
 
     @torch.inference_mode()
     def generate(self, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,

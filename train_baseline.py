@@ -73,6 +73,8 @@ max_bad_steps = 10  # consecutive non-finite steps before the run stops
 device = "auto"  # 'auto' (cuda > mps > cpu) | 'cuda' | 'cuda:1' | 'mps' | 'cpu'
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # 'float32' | 'bfloat16'
 compile = False  # torch.compile the transformer blocks
+pad_vocab_multiple = 64 if torch.cuda.is_available() else 1  # embedding/output rows padded for GPU matmuls;
+#   padded ids are masked, export.py drops them; a resumed run keeps its checkpoint's layout
 fsdp = False  # FSDP2: shard every transformer block over the ranks (torchrun only; README 'FSDP')
 seed = 1337
 wandb_log = False

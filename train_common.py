@@ -51,7 +51,7 @@ def check_config(cfg: dict, ctx):
         except ValueError as e:
             fail(f"s3_uri: {e}")
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "max_bad_steps",
-                "s3_keep"):
+                "s3_keep", "pad_vocab_multiple"):
         if key in cfg and cfg[key] < 1:
             fail(f"{key} must be >= 1, got {cfg[key]}")
 
@@ -139,6 +139,8 @@ def init_model(cfg: dict, ctx, meta: dict, value_head):
             model = Transformer.load(init_from, device="cpu", dtype=torch.float32, value_head=value_head)
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(f"init_from={init_from!r}: {e}")
+    if resume is None and model.args.pad_vocab_multiple != cfg["pad_vocab_multiple"]:
+        model.pad_vocab(cfg["pad_vocab_multiple"])  # a resumed run keeps its layout (its optimizer state's shapes)
     if model.args.vocab_size != meta["vocab_size"]:
         fail(f"model vocab_size {model.args.vocab_size} does not match the data's tokenizer "
              f"({meta['vocab_size']} in {cfg['data_dir']}/meta.json)")

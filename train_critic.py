@@ -57,6 +57,7 @@ max_bad_steps = 10
 device = "auto"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = False
+pad_vocab_multiple = 64 if torch.cuda.is_available() else 1  # vocab rows padded for GPU matmuls (padded ids masked)
 fsdp = False  # FSDP2 sharding of the blocks (see train_baseline.py)
 seed = 1337
 wandb_log = False

@@ -67,6 +67,7 @@ max_bad_steps = 10
 device = "auto"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = False
+pad_vocab_multiple = 64 if torch.cuda.is_available() else 1  # vocab rows padded for GPU matmuls (padded ids masked)
 fsdp = False  # FSDP2 sharding of the blocks (see train_baseline.py)
 seed = 1337
 wandb_log = False
@@ -111,7 +112,7 @@ except (FileNotFoundError, ValueError) as e:
 if ref_model.args.vocab_size != model.args.vocab_size or ref_model.n_future_tokens != n:
     tc.fail(f"reference {ref_init_from} has vocab {ref_model.args.vocab_size} and {ref_model.n_future_tokens} heads; "
             f"the policy has vocab {model.args.vocab_size} and {n} heads (they must match)")
-ref_model.eval().requires_grad_(False)
+ref_model.pad_vocab(pad_vocab_multiple).eval().requires_grad_(False)
 cache = {}  # dataset row index -> (length, n) reference CE, float32 on the CPU
 
 if max_iters is None:

@@ -8,7 +8,8 @@
 #   1 bench_1b_impl    ~1.1B LLaMA-MTP n=4, seq 2048, bf16, stage 0, all trainable: vs Hugging Face
 #                      LlamaForCausalLM of the same size and batch (and our n=1 22-layer model, the
 #                      same FLOPs as the peer); n=1 vs 4 (same trunk, memory);
-#                      naive vs sequential head backward; chunked CE; torch.compile of the blocks
+#                      naive vs sequential head backward; chunked CE; vocab 32001 unpadded vs padded
+#                      to 32064 (pad_vocab_multiple=64); torch.compile of the blocks
 #   2 bench_1b_stages  stage 2 (verifiable) and stage 3 (rho1, cached and uncached reference) as
 #                      ratios to stage 0, same 1B model; 'sync': stage 0 with the train scripts'
 #                      per-step host sync (isfinite of the grad norm)
@@ -33,7 +34,7 @@ bench() {  # name, hard limit in seconds, bench.py arguments...
 }
 
 bench bench_1b_impl 200 config/bench_1b.py --time_budget_s=130 \
-    --variants="['base','hf','n1+L22','n1','naive','ce2048','compile']"
+    --variants="['base','hf','n1+L22','n1','naive','ce2048','V32001','V32001+pad64','compile']"
 bench bench_1b_stages 100 config/bench_1b.py --time_budget_s=70 \
     --variants="['baseline','sync','verifiable','rho1+cached','rho1+uncached']"
 bench bench_7b_heads 150 config/bench_7b_heads.py --time_budget_s=80 \

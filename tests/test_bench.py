@@ -35,14 +35,14 @@ def flops_per_token(d, L, n, V, S, ffn, n_outputs, extra_ref=False):
 
 
 def test_micro_table_and_json_are_consistent(tmp_path):
-    variants = ["base", "naive", "ce16", "n1", "hf", "compile", "verifiable", "rho1+uncached"]
+    variants = ["base", "naive", "ce16", "n1", "hf", "compile", "verifiable", "rho1+uncached", "V500", "V500+pad64"]
     report, lines = bench([f"--variants={variants!r}", "--warmup=1", "--iters=2"], tmp_path)
     results = {r["name"]: r for r in report["results"]}
     assert [r["name"] for r in report["results"]] == variants
     assert report["baseline_variant"] == "base" and report["device_type"] == "cpu" and report["peak_flops"] is None
     assert results["compile"]["status"] == "skipped" and "compile" in results["compile"]["note"]
     ok = [r for r in report["results"] if r["status"] == "ok"]
-    assert {r["name"] for r in ok} >= {"base", "naive", "ce16", "n1", "verifiable", "rho1+uncached"}
+    assert {r["name"] for r in ok} >= {"base", "naive", "ce16", "n1", "verifiable", "rho1+uncached", "V500", "V500+pad64"}
     base = results["base"]
     tokens = 4 * 64  # default batch_size * seq_len
     for r in ok:
@@ -56,6 +56,10 @@ def test_micro_table_and_json_are_consistent(tmp_path):
     # same weights and data: the sequential and naive backward give the same loss
     assert abs(results["naive"]["loss"] - base["loss"]) < 1e-5
     assert results["n1"]["n_layers"] == 2 and results["n1"]["n_future_tokens"] == 1
+    # vocab 500 padded to 512 rows: 2 x 12 more rows of dim 64, the same loss (padded ids masked)
+    assert results["V500+pad64"]["params"] - results["V500"]["params"] == 2 * 12 * 64
+    assert abs(results["V500+pad64"]["loss"] - results["V500"]["loss"]) < 1e-5
+    assert results["V500+pad64"]["flops_per_token"] == results["V500"]["flops_per_token"]  # real vocab only
     # FLOPs per token, pinned against an independent count (dim 64, 5 blocks, 4 heads, vocab 512, S 64, ffn 192)
     assert base["flops_per_token"] == flops_per_token(64, 5, 4, 512, 64, 192, n_outputs=4) == 2629632
     assert results["n1"]["flops_per_token"] == flops_per_token(64, 2, 1, 512, 64, 192, n_outputs=1)

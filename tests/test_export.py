@@ -112,6 +112,29 @@ def test_float32_export_round_trip(run, tmp_path):
         assert f1.read() == f2.read()
 
 
+def test_padded_vocab_is_dropped_on_export(tmp_path):
+    """A checkpoint trained with pad_vocab_multiple (embedding/output rows 512 -> 600) exports
+    Meta's shapes; the export computes the same logits; the checkpoint itself loads back padded."""
+    tok_path = write_tokenizer(tmp_path / "tok.model")
+    model = random_model(0).pad_vocab(100)
+    with torch.no_grad():
+        model.output.weight[VOCAB:] = 3.0  # masked rows: must not reach the export
+    write_run(str(tmp_path / "run"), model, tok_path)
+    out = export_checkpoint(str(tmp_path / "run"), str(tmp_path / "export"), dtype="float32")
+    sd = torch.load(os.path.join(out, "consolidated.pth"), weights_only=True)
+    assert sd["output.weight"].shape == sd["tok_embeddings.weight"].shape == (VOCAB, 64)
+    with open(os.path.join(out, "params.json")) as f:
+        assert set(json.load(f)) == META_PARAMS
+    exported = Transformer.from_pretrained(out, dtype=torch.float32)
+    again = Transformer.load(str(tmp_path / "run"))
+    assert exported.output.weight.shape == (VOCAB, 64) and again.output.weight.shape == (600, 64)
+    assert again.args.pad_vocab_multiple == 100
+    with torch.no_grad():
+        reference = model(TOKENS, return_all_heads=True)
+        assert (exported(TOKENS, return_all_heads=True) - reference).abs().max().item() <= 1e-6
+        assert torch.equal(again(TOKENS, return_all_heads=True), reference)
+
+
 def hf_llama_from_meta_dir(meta_dir):
     """Independent loader: Hugging Face's LLaMA (trunk + head 0) from params.json and consolidated.pth
     alone, with LLaMA-2's FFN size rule and Meta -> HF's q/k row permutation written out here."""

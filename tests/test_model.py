@@ -275,3 +275,70 @@ def test_generate_stops_at_eos_and_samples_reproducibly():
     assert s1 == s2 and len(s1) == 3 and all(len(r) == 8 for r in s1)
     # top_k=1 sampling is greedy
     assert model.generate([prompt], max_new_tokens=10, temperature=0.7, top_k=1)[0] == full
+
+
+# -----------------------------------------------------------------------------
+# vocab padding: rows up to a multiple of pad_vocab_multiple, padded ids masked
+
+VOCAB_KEYS = ("tok_embeddings.weight", "output.weight")
+
+
+def test_padded_vocab_same_init_and_relayout():
+    plain = random_model(micro_args(3, 2), seed=5)
+    padded = random_model(micro_args(3, 2, pad_vocab_multiple=64), seed=5)
+    assert padded.args.padded_vocab_size == 128 and plain.args.padded_vocab_size == 97
+    assert padded.output.weight.shape == padded.tok_embeddings.weight.shape == (128, 64)
+    sd, sd_padded = plain.state_dict(), padded.state_dict()
+    for k in sd:  # the same random draws as the unpadded model; the padded rows are zero
+        if k in VOCAB_KEYS:
+            assert torch.equal(sd_padded[k][:97], sd[k]) and sd_padded[k][97:].abs().sum().item() == 0.0, k
+        else:
+            assert torch.equal(sd_padded[k], sd[k]), k
+    relaid = plain.pad_vocab(64)
+    assert relaid.args.pad_vocab_multiple == 64 and relaid.output.out_features == 128
+    assert all(torch.equal(relaid.state_dict()[k], sd_padded[k]) for k in sd_padded)
+    back = relaid.pad_vocab(1)
+    assert back.output.weight.shape == (97, 64) and all(torch.equal(back.state_dict()[k], sd[k]) for k in sd)
+    with pytest.raises(ValueError, match="pad_vocab_multiple=0 must be an integer >= 1"):
+        micro_args(pad_vocab_multiple=0)
+
+
+@pytest.mark.parametrize("ce_chunk_size", [0, 5])
+@pytest.mark.parametrize("naive", [False, True])
+def test_padded_vocab_masks_the_padded_ids(ce_chunk_size, naive):
+    """Same weights with and without padding: same logits, losses, gradients (0 on the padded
+    rows), eval sums and generations, even with large weights in the padded output rows."""
+    plain = random_model(micro_args(3, 2), seed=5).train()
+    padded = random_model(micro_args(3, 2, pad_vocab_multiple=64), seed=5).train()
+    with torch.no_grad():  # unmasked, these rows would dominate every softmax
+        padded.output.weight[97:] = 5.0 * torch.randn(31, 64)
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 97, (3, 17))
+    w = torch.rand(3, 17, 3) * 2
+    for k in range(3):
+        w[:, 17 - k - 1:, k] = 0
+    with torch.no_grad():
+        lp, lq = plain(tokens, return_all_heads=True), padded(tokens, return_all_heads=True)
+    assert lq.shape == lp.shape == (3, 17, 3, 97)
+    assert (lp - lq).abs().max().item() <= LOGIT_ATOL
+    outs, grads = [], []
+    for model in (plain, padded):
+        model.zero_grad(set_to_none=True)
+        outs.append(model.forward_backward(tokens, w, naive=naive, ce_chunk_size=ce_chunk_size))
+        grads.append(_grads(model))
+    assert (outs[0]["head_losses"] - outs[1]["head_losses"]).abs().max().item() <= 1e-6
+    for name, g in grads[0].items():
+        g_padded = grads[1][name]
+        if name in VOCAB_KEYS:
+            assert g_padded[97:].abs().max().item() == 0.0, name
+            g_padded = g_padded[:97]
+        assert (g - g_padded).abs().max().item() <= GRAD_ATOL, name
+    mask = (w > 0).float()
+    sums_p, sums_q = plain.head_eval_sums(tokens, mask), padded.head_eval_sums(tokens, mask)
+    assert torch.allclose(sums_p[0], sums_q[0], atol=1e-4) and torch.equal(sums_p[1], sums_q[1])
+    assert torch.equal(sums_p[2], sums_q[2])
+    prompts = [[1, 5, 9], [1, 7, 3, 3, 2]]
+    assert plain.generate(prompts, 8) == padded.generate(prompts, 8)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert (plain.generate(prompts, 8, temperature=1.0, generator=g1)
+            == padded.generate(prompts, 8, temperature=1.0, generator=g2))

@@ -134,7 +134,8 @@ def test_resume_is_bit_identical(stage, base_dir, critic_dir, data_dir, tmp_path
     extra = [f"--ref_init_from={base_dir}"] if stage == "rho1" else []
     extra += ["--weight_mode=random"] if stage == "verifiable" else []  # draws from the RNG every step
     common = [f"train_{stage}.py", f"--data_dir={data_dir}", "--n_samples=40", "--eval_interval=3",
-              "--lr_decay_iters=7", "--warmup_iters=2", *extra, *FAST, "--batch_size=8"]  # 5 batches/epoch
+              "--lr_decay_iters=7", "--warmup_iters=2", "--pad_vocab_multiple=64",  # vocab 68 -> 128 rows
+              *extra, *FAST, "--batch_size=8"]  # 5 batches/epoch
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run(common + [f"--out_dir={full}", f"--init_from={init}", "--max_iters=7"])
     run(common + [f"--out_dir={part}", f"--init_from={init}", "--max_iters=3"])
@@ -145,6 +146,24 @@ def test_resume_is_bit_identical(stage, base_dir, critic_dir, data_dir, tmp_path
     a = torch.load(os.path.join(full, "final.pt"), weights_only=False)["model"]
     b = torch.load(os.path.join(part, "final.pt"), weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["output.weight"].shape[0] == 128 and a["output.weight"][68:].abs().max().item() == 0.0
+
+
+def test_padded_vocab_trains_like_unpadded(base_dir, data_dir, tmp_path):
+    """The same run with embedding/output rows padded 68 -> 128: the same losses (the padded ids are
+    masked); the padded rows keep exactly zero (no gradient, so AdamW never moves them)."""
+    common = ["train_baseline.py", f"--data_dir={data_dir}", f"--init_from={base_dir}", "--n_samples=48",
+              "--max_iters=6", "--eval_interval=3", "--warmup_iters=2", *FAST]
+    run(common + [f"--out_dir={tmp_path / 'plain'}", "--pad_vocab_multiple=1"])
+    run(common + [f"--out_dir={tmp_path / 'padded'}", "--pad_vocab_multiple=64"])
+    plain, padded = train_losses(str(tmp_path / "plain")), train_losses(str(tmp_path / "padded"))
+    assert len(plain) == 6 and max(abs(a - b) / a for a, b in zip(plain, padded)) < 1e-5
+    vp, vq = val_losses(str(tmp_path / "plain")), val_losses(str(tmp_path / "padded"))
+    assert len(vp) == 2 and max(abs(a - b) / a for a, b in zip(vp, vq)) < 1e-5
+    ckpt = torch.load(os.path.join(tmp_path, "padded", "final.pt"), weights_only=False)
+    assert ckpt["model_args"]["pad_vocab_multiple"] == 64
+    for key in ("tok_embeddings.weight", "output.weight"):
+        assert ckpt["model"][key].shape[0] == 128 and ckpt["model"][key][68:].abs().max().item() == 0.0
 
 
 def test_config_files_load_and_validate():
