@@ -147,15 +147,13 @@ def random_like_weights(weights, mask, generator):
     multiset of weights, with any link to the tokens removed. 0 outside the mask.
     `generator` is a torch.Generator (its device is used for the permutation).
 
+    A shuffle of the batch flattened into one row (shuffle_within_rows): no boolean indexing, so
+    no host sync on a GPU.
+
     weights (B, L), mask (B, L) -> (B, L)
     """
-    m = mask.to(weights.device) > 0
-    vals = weights[m]                                    # (N,) row-major valid weights
-    dev = generator.device if generator is not None else weights.device
-    perm = torch.randperm(vals.numel(), generator=generator, device=dev).to(weights.device)
-    out = torch.zeros_like(weights)
-    out[m] = vals[perm]
-    return out
+    B, L = weights.shape
+    return shuffle_within_rows(weights.reshape(1, B * L), mask.reshape(1, B * L), generator).view(B, L)
 
 
 def shuffle_within_rows(weights, mask, generator):

@@ -241,6 +241,88 @@ def test_frozen_trunk_gets_no_grad():
     assert torch.isfinite(out["loss"])
 
 
+def test_compiled_blocks_match_eager():
+    """train_common.maybe_compile (torch.compile of every block, inductor on the CPU here) under the
+    sequential head backward: same losses and gradients as eager, at two sequence lengths."""
+    import train_common
+    eager = random_model(micro_args(2, 2, n_layers=4), seed=6).train()
+    compiled = random_model(micro_args(2, 2, n_layers=4), seed=6).train()
+    train_common.maybe_compile(compiled, True)
+    torch.manual_seed(3)
+    for S in (16, 12):
+        tokens, w = torch.randint(0, 97, (2, S)), torch.rand(2, S, 2)
+        w[:, -2:] = 0
+        outs, grads = [], []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            outs.append(model.forward_backward(tokens, w, ce_chunk_size=8))
+            grads.append(_grads(model))
+        assert (outs[0]["head_losses"] - outs[1]["head_losses"]).abs().max().item() <= 1e-6
+        assert grads[0].keys() == grads[1].keys()
+        for name in grads[0]:
+            assert (grads[0][name] - grads[1][name]).abs().max().item() <= 1e-6, (S, name)
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every tensor operation that reads a value back to the host (a device sync on a GPU):
+    .item(), .tolist(), bool/int/float(), nonzero, boolean-mask indexing, .cpu(), ..."""
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select",
+             "unique", "cpu", "numpy", "repeat_interleave_tensor"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in self.READS:
+            self.reads.append(name)
+        if name in ("__getitem__", "__setitem__") and torch.is_tensor(args[1]) and args[1].dtype == torch.bool:
+            self.reads.append(name + "[bool mask]")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("naive,ce_chunk_size", [(False, 0), (False, 8), (True, 0)])
+def test_training_micro_steps_never_read_back_to_the_host(naive, ce_chunk_size):
+    """The per-micro-step work of the stages (weights, losses, sequential backward) queues device
+    work only; the one host read per optimizer step is optimizer_step's isfinite(grad norm)."""
+    import train_common
+    from weighting import (build_weights, compute_mtp_selective_weights, compute_td_errors, head_targets_mask,
+                           random_like_weights, shift_to_heads, shuffle_within_rows, value_loss, value_mask)
+    model = random_model(micro_args(3, 2, pad_vocab_multiple=64), value_head=True).train()
+    torch.manual_seed(4)
+    tokens, reward = torch.randint(0, 97, (3, 20)), torch.tensor([1.0, 0.0, 1.0])
+    loss_mask = torch.zeros(3, 20)
+    loss_mask[:, 6:17] = 1
+    loss_mask[1, 17:] = 1
+    ref_ce = torch.rand(3, 20, 3)
+    with HostReads() as host:
+        targets = head_targets_mask(loss_mask, 3)  # stage 0
+        model.forward_backward(tokens, targets, naive=naive, ce_chunk_size=ce_chunk_size)
+        vmask = value_mask(loss_mask)  # stage 1 and 2
+        h_trunk = model.trunk_forward(tokens)
+        values = model.value(h_trunk)
+        td = compute_td_errors(values.detach(), reward, loss_mask, 1.0)
+        w = build_weights(td, loss_mask, 0.9, 0.1, 5.0, whiten=True, normalize=True)
+        w = shuffle_within_rows(random_like_weights(w, loss_mask, None), loss_mask, None)
+        model.forward_backward(tokens, shift_to_heads(w, 3), h_trunk=h_trunk,
+                               extra_loss=0.5 * value_loss(values, reward, vmask), naive=naive,
+                               ce_chunk_size=ce_chunk_size)
+
+        def rho1_weights(k, ce_k):  # stage 3, as train_rho1.py
+            if k == 0:
+                return targets[..., 0]
+            excess = torch.stack([torch.zeros_like(ce_k), ce_k - ref_ce[..., k]], dim=-1)
+            return compute_mtp_selective_weights(excess, targets[..., [0, k]], 0.6)[..., 1]
+        model.forward_backward(tokens, rho1_weights, naive=naive, ce_chunk_size=ce_chunk_size)
+    assert host.reads == []
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # fused, as on CUDA
+    with HostReads() as host:
+        _, stepped = train_common.optimizer_step(optimizer, params, 1.0)
+    assert stepped and host.reads == ["__bool__"]
+
+
 # -----------------------------------------------------------------------------
 # generation
 
