@@ -234,7 +234,7 @@ def is_sharded(t):
     return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
-def fsdp_shard_blocks(model, ctx, param_dtype=None):
+def fsdp_shard_blocks(model, ctx, param_dtype=None, before_shard=None):
     """fully_shard every transformer block (trunk and heads, frozen ones too: that is where the
     memory is) over all ranks (a 1-D mesh, so across nodes too); the rest stays as it is.
 
@@ -243,13 +243,17 @@ def fsdp_shard_blocks(model, ctx, param_dtype=None):
     cast_forward_inputs=False leaves the block inputs as autocast made them (the fp32 residual
     stream), so the numerics are those of the unsharded model under autocast. fully_shard moves
     each block's parameters to ctx.device as it shards them: call it with the model still on the
-    CPU and no GPU ever holds the whole model. Call after set_trainable, before the optimizer.
-    torch.compile of the blocks comes after this (train_common.maybe_compile)."""
+    CPU and no GPU ever holds the whole model. before_shard(block) runs just before each block is
+    sharded (train_common.place_model converts its dtypes there: one block at a time on the host).
+    Call after set_trainable, before the optimizer. torch.compile of the blocks comes after this
+    (train_common.maybe_compile)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(ctx.device_type, (ctx.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in [*model.layers, *model.extra_heads]:
+        if before_shard is not None:
+            before_shard(block)
         fully_shard(block, mesh=mesh, mp_policy=mp)
     return model
 
@@ -409,11 +413,12 @@ def remove_stale_temp_files(out_dir):
 
 
 def load_checkpoint(path):
-    """torch.load onto the CPU; a missing or unreadable file is a one-line error naming it."""
+    """torch.load onto the CPU, memory-mapped (tensors are read when used; the ranks of a node
+    share the page cache); a missing or unreadable file is a one-line error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
         msg = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}") from None

@@ -665,7 +665,9 @@ class Transformer(nn.Module):
         """Load any model this repo knows: a Meta-format directory, a stage checkpoint file
         (`ckpt.pt`, `best.pt`, `final.pt`), or a stage's out_dir (best.pt, else final.pt, else ckpt.pt).
         value_head=None keeps the checkpoint's value head (if any); True adds a fresh one if missing;
-        False drops it. The value head stays fp32 whatever `dtype` is."""
+        False drops it. The value head stays fp32 whatever `dtype` is. dtype=None keeps every
+        weight as stored: on the CPU the weights then stay memory-mapped from the file (no copy;
+        train_common.place_model converts them one at a time on their way to the GPU)."""
         path = resolve_checkpoint(path)
         if os.path.isdir(path):
             return cls.from_pretrained(path, device=device, dtype=dtype, value_head=value_head)
@@ -680,18 +682,24 @@ class Transformer(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device="cpu", dtype=torch.float32, value_head: Optional[bool] = None,
                         source: str = "checkpoint") -> "Transformer":
-        """Build the model of an in-memory checkpoint dict ({'model', 'model_args', ...})."""
+        """Build the model of a checkpoint dict ({'model', 'model_args', ...}). Built on the meta
+        device and given the checkpoint's own tensors (no random init, no copy where device and
+        dtype already match; dtype=None keeps each weight's stored dtype)."""
         state_dict = ckpt["model"]
         has_value_head = any(k.startswith("value_head.") for k in state_dict)
-        if value_head is False:
+        want_value_head = has_value_head if value_head is None else value_head
+        if not want_value_head:
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("value_head.")}
         try:
             args = ModelArgs(**ckpt["model_args"])
         except TypeError as e:  # e.g. model_args written by another version of this file
             raise ValueError(f"{source}: model_args do not fit this model.py ({e})") from None
-        model = cls(args, value_head=has_value_head if value_head is None else value_head)
-        model.load_weights(state_dict, source=source)
+        with torch.device("meta"):
+            model = cls(args, value_head=want_value_head and has_value_head)
+        model.load_weights(state_dict, source=source, assign=True)
         model.to(device=device, dtype=dtype)
+        if want_value_head and not has_value_head:
+            model.add_value_head()
         if model.value_head is not None:
             model.value_head.float()
         return model

@@ -105,7 +105,8 @@ def epoch_batches(loader, sampler, state: dict):
 # model
 
 def init_model(cfg: dict, ctx, meta: dict, value_head):
-    """The model named by init_from, on the CPU in fp32, and the checkpoint to resume from (or None).
+    """The model named by init_from, on the CPU, and the checkpoint to resume from (or None).
+    Loaded weights stay as stored, memory-mapped (place_model converts them one at a time).
 
     init_from: 'scratch' (the model settings, vocab from the data), 'resume' (out_dir/ckpt.pt, exact
     continuation), 's3://bucket/prefix' (the manifest's latest checkpoint, then as 'resume'), a Meta
@@ -134,9 +135,9 @@ def init_model(cfg: dict, ctx, meta: dict, value_head):
             resume = ddp_utils.load_checkpoint(path)
             if resume.get("dcp"):  # an FSDP run's optimizer state: a DCP folder beside ckpt.pt
                 resume["dcp"] = os.path.join(os.path.dirname(os.path.abspath(path)), resume["dcp"])
-            model = Transformer.from_checkpoint(resume, value_head=value_head, source=path)
+            model = Transformer.from_checkpoint(resume, dtype=None, value_head=value_head, source=path)
         else:
-            model = Transformer.load(init_from, device="cpu", dtype=torch.float32, value_head=value_head)
+            model = Transformer.load(init_from, device="cpu", dtype=None, value_head=value_head)
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(f"init_from={init_from!r}: {e}")
     if resume is None and model.args.pad_vocab_multiple != cfg["pad_vocab_multiple"]:
@@ -174,22 +175,25 @@ def set_trainable(model, trainable: str) -> list:
 
 
 def place_model(model, ctx, dtype: str):
-    """Move to the device. Trainable weights stay fp32 (AdamW's master copy); frozen ones are
-    stored in the compute dtype (a frozen bf16 trunk halves its memory). Value head stays fp32.
-    fsdp: the frozen weights are cast on the CPU, every block is sharded over the ranks (each
-    keeps 1/world_size of it on its device: ddp_utils.fsdp_shard_blocks), then the replicated
-    rest (embeddings, norm, output, value head) moves; no GPU ever holds the whole model."""
-    if not ctx.fsdp:
-        model.to(ctx.device)
-    if dtype != "float32":
-        for name, p in model.named_parameters():
-            if not p.requires_grad and not name.startswith("value_head."):
-                p.data = p.data.to(PTDTYPE[dtype])
+    """Move to the device, every weight in its training dtype: trainable ones fp32 (AdamW's master
+    copy), frozen ones the compute dtype (a frozen bf16 trunk halves its memory), the value head
+    fp32. One weight at a time, so a memory-mapped checkpoint is never copied whole on the host.
+    fsdp: each block in turn is converted on the CPU and sharded over the ranks (each keeps
+    1/world_size of it on its device: ddp_utils.fsdp_shard_blocks), then the replicated rest
+    (embeddings, norm, output, value head) moves; no GPU ever holds the whole model."""
+    def training_dtype(name, p):
+        keep_fp32 = dtype == "float32" or p.requires_grad or name.startswith("value_head.")
+        return torch.float32 if keep_fp32 else PTDTYPE[dtype]
+
     if ctx.fsdp:
-        ddp_utils.fsdp_shard_blocks(model, ctx, param_dtype=None if dtype == "float32" else PTDTYPE[dtype])
-        for p in model.parameters():
-            if not ddp_utils.is_sharded(p):
-                p.data = p.data.to(ctx.device)
+        def convert_block(block):  # on the CPU, just before fully_shard moves its shards to the device
+            for name, p in block.named_parameters():
+                p.data = p.data.to(dtype=training_dtype(name, p))
+        ddp_utils.fsdp_shard_blocks(model, ctx, param_dtype=None if dtype == "float32" else PTDTYPE[dtype],
+                                    before_shard=convert_block)
+    for name, p in model.named_parameters():
+        if not ddp_utils.is_sharded(p):
+            p.data = p.data.to(device=ctx.device, dtype=training_dtype(name, p))
     return model
 
 

@@ -424,3 +424,39 @@ def test_padded_vocab_masks_the_padded_ids(ce_chunk_size, naive):
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     assert (plain.generate(prompts, 8, temperature=1.0, generator=g1)
             == padded.generate(prompts, 8, temperature=1.0, generator=g2))
+
+
+# -----------------------------------------------------------------------------
+# loading without host copies
+
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_checkpoint_loads_memory_mapped_without_a_host_copy(tmp_path):
+    """Transformer.load(dtype=None) (what train_common.init_model uses) builds the model on the meta
+    device and hands it the checkpoint's memory-mapped tensors: the process does not grow by the
+    model's size. Converting to float32 does (the measurement can see a copy)."""
+    import dataclasses
+
+    from ddp_utils import save_checkpoint
+    args = ModelArgs(dim=512, n_layers=3, n_heads=8, vocab_size=32000, multiple_of=256, n_future_tokens=2)
+    model = Transformer(args).to(torch.bfloat16)  # ~44M params, 88 MB in bf16
+    path = save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": model.state_dict(),
+                                                        "model_args": dataclasses.asdict(args)})
+    size = sum(p.numel() * 2 for p in model.parameters())
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    del model
+    Transformer.load(path, dtype=None)  # warm-up: the first build on the meta device loads ~60 MB of code
+    before = rss_bytes()
+    mapped = Transformer.load(path, dtype=None)
+    grown_mapped = rss_bytes() - before
+    assert mapped.output.weight.dtype == torch.bfloat16 and mapped.value_head is None
+    before = rss_bytes()
+    converted = Transformer.load(path, dtype=torch.float32)
+    grown_converted = rss_bytes() - before
+    assert grown_mapped < 0.1 * size, (grown_mapped, size)
+    assert grown_converted > 1.5 * size, (grown_converted, size)  # float32 copies: 2x the bf16 file
+    for k, v in expected.items():
+        assert torch.equal(mapped.state_dict()[k], v) and torch.equal(converted.state_dict()[k].to(v.dtype), v), k
