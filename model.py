@@ -193,15 +193,15 @@ class Attention(nn.Module):
             self.cache_k[:B, start_pos:start_pos + S] = k
             self.cache_v[:B, start_pos:start_pos + S] = v
             k, v = self.cache_k[:B, :start_pos + S], self.cache_v[:B, :start_pos + S]  # (B, T, n_kv, hd)
-        if self.n_rep > 1:  # grouped-query attention: query head h reads kv head h // n_rep
-            k = k.repeat_interleave(self.n_rep, dim=2)
-            v = v.repeat_interleave(self.n_rep, dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S|T, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|n_kv, S|T, hd)
+        # grouped-query attention: query head h reads kv head h // n_rep. enable_gqa lets flash
+        # attention read the shared kv heads directly (no n_rep-fold copies of k and v to save)
+        gqa = self.n_rep > 1
         if mask is None:
             assert k.shape[2] == S, "mask=None means causal attention without a cache offset"
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
         return self.wo(y)
 
