@@ -373,7 +373,7 @@ class Transformer(nn.Module):
 
     def logits(self, h):
         """The shared output projection: normed h (..., dim) -> logits (..., padded_vocab_size) in the
-        compute dtype. Padded ids get -inf through the matmul's bias (fused into the GEMM epilogue)."""
+        compute dtype. Padded ids get -inf as the matmul's bias (one addmm, no separate masking pass)."""
         if self.args.padded_vocab_size == self.args.vocab_size:
             return self.output(h)
         w = self.output.weight
