@@ -16,6 +16,7 @@ Everything goes to eval.json (atomically), with the settings, the checkpoint pat
 `evaluate()` and `pass_at_k()` are importable (runs/arith.sh and the tests call them).
 """
 
+import contextlib
 import importlib
 import json
 import math
@@ -26,7 +27,8 @@ import time
 import numpy as np
 import torch
 
-from weighting import auc, binary_accuracy, head_targets_mask
+import train_common
+from weighting import auc, binary_accuracy
 
 # -----------------------------------------------------------------------------
 # pass@k and problem loading
@@ -175,26 +177,16 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
         ids = {pid: i for i, pid in enumerate(meta["problems"][split])}
         wanted = {ids[pid] for pid, _ in problems}
         rows = [i for i in rows if ds[i]["problem"] in wanted]
-    ce_sum = torch.zeros(n, dtype=torch.float64)
-    n_targets = torch.zeros(n, dtype=torch.float64)
-    n_correct = torch.zeros(n, dtype=torch.float64)
-    values, labels = [], []
     n_batches = math.ceil(len(rows) / batch_size)
-    for b in range(n_batches):
-        batch = collate([ds[i] for i in rows[b * batch_size:(b + 1) * batch_size]], meta["pad_id"])
-        tokens = batch["input_ids"].to(device)  # (B, L)
-        h = model.trunk_forward(tokens)  # (B, L, dim)
-        tmask = head_targets_mask(batch["loss_mask"], n).to(device)  # (B, L, n)
-        ce_b, count_b, correct_b = model.head_eval_sums(tokens, tmask, h_trunk=h)  # each (n,)
-        ce_sum += ce_b.cpu()
-        n_targets += count_b.cpu()
-        n_correct += correct_b.cpu()
-        if model.value_head is not None:
-            last = (batch["lengths"] - 1).to(device)  # (B,) the last completion token (eos unless truncated)
-            v = model.value(h)  # (B, L) float32
-            values.append(v.gather(1, last[:, None]).squeeze(1).cpu())
-            labels.append(batch["reward"])
-        _progress("token data", b + 1, n_batches, t0, log_interval)
+
+    def batches():
+        for b in range(n_batches):
+            yield collate([ds[i] for i in rows[b * batch_size:(b + 1) * batch_size]], meta["pad_id"])
+            _progress("token data", b + 1, n_batches, t0, log_interval)
+
+    sums, _, v, y = train_common.eval_sums(model, batches(), device, contextlib.nullcontext(),
+                                           value=model.value_head is not None)
+    ce_sum, n_targets, n_correct = sums.double().cpu()  # each (n,)
     timings["val_s"] = time.time() - t0
     head_loss = (ce_sum / n_targets.clamp(min=1)).tolist()
     m["val_loss"] = float(np.mean(head_loss))  # mean over heads, as the training loss
@@ -206,7 +198,6 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
 
     m["value_acc"] = m["value_auc"] = None
     if model.value_head is not None:
-        v, y = torch.cat(values), torch.cat(labels)
         m["value_acc"] = _finite(binary_accuracy(v, y, threshold=0.5))
         m["value_auc"] = _finite(auc(v, y))
         m["value_mean_correct"] = _finite(v[y > 0.5].mean().item()) if (y > 0.5).any() else None

@@ -260,33 +260,47 @@ def restore_state(resume: dict, optimizer, ctx, model=None) -> dict:
 # evaluation
 
 @torch.no_grad()
-def evaluate(model, loader, ctx, autocast, heads: bool = True, value: bool = False) -> dict:
-    """Validation metrics, exact over ranks: every rank sums over its shard, the sums are
-    all-reduced, then divided (never a mean of per-rank means).
-    heads: per-head CE and top-1 accuracy over completion targets; val/loss = their mean over heads.
-    value: value MSE over the value positions, and accuracy/AUC of V at the last token vs the label."""
-    from weighting import auc, binary_accuracy, head_targets_mask, value_mask
-    model.eval()
-    n = model.n_future_tokens
-    acc = torch.float32 if ctx.device_type == "mps" else torch.float64  # MPS has no float64
-    sums = torch.zeros(3, n, dtype=acc, device=ctx.device)  # ce_sum, count, correct per head
-    vsums = torch.zeros(2, dtype=acc, device=ctx.device)  # squared error sum, count
+def eval_sums(model, batches, device, autocast, heads: bool = True, value: bool = False):
+    """Validation sums of this process over `batches` (shared by evaluate and eval.py): per head
+    (ce_sum, n_targets, n_top1_correct) as (3, n) over completion targets; the value head's squared
+    error sum and count over the value positions (2,); and V at each row's last token with the
+    row's label (CPU vectors, for accuracy and AUC). Sums, not means: ranks and batches combine exactly."""
+    from weighting import head_targets_mask, value_mask
+    n, device = model.n_future_tokens, torch.device(device)
+    acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    sums = torch.zeros(3, n, dtype=acc, device=device)  # ce_sum, count, correct per head
+    vsums = torch.zeros(2, dtype=acc, device=device)  # squared error sum, count
     last_values, labels = [], []
-    for batch in loader:
-        tokens = batch["input_ids"].to(ctx.device)
-        loss_mask = batch["loss_mask"].to(ctx.device)
+    for batch in batches:
+        tokens = batch["input_ids"].to(device)
+        loss_mask = batch["loss_mask"].to(device)
         with autocast:
             h = model.trunk_forward(tokens)  # (B, L, dim)
             if heads:
                 sums += torch.stack(model.head_eval_sums(tokens, head_targets_mask(loss_mask, n), h_trunk=h))
         if value:
             v = model.value(h)  # (B, L) fp32
-            reward = batch["reward"].to(ctx.device)
+            reward = batch["reward"].to(device)
             vm = value_mask(loss_mask).to(acc)
             vsums += torch.stack([(vm * (v.to(acc) - reward.to(acc)[:, None]) ** 2).sum(), vm.sum()])
-            last = (batch["lengths"] - 1).to(ctx.device)
+            last = (batch["lengths"] - 1).to(device)  # (B,) the last completion token (eos unless truncated)
             last_values.append(v.gather(1, last[:, None]).squeeze(1).cpu())
             labels.append(batch["reward"])
+    scores = torch.cat(last_values) if last_values else torch.zeros(0)
+    ys = torch.cat(labels) if labels else torch.zeros(0)
+    return sums, vsums, scores, ys
+
+
+@torch.no_grad()
+def evaluate(model, loader, ctx, autocast, heads: bool = True, value: bool = False) -> dict:
+    """Validation metrics, exact over ranks: every rank sums over its shard (eval_sums), the sums
+    are all-reduced, then divided (never a mean of per-rank means).
+    heads: per-head CE and top-1 accuracy over completion targets; val/loss = their mean over heads.
+    value: value MSE over the value positions, and accuracy/AUC of V at the last token vs the label."""
+    from weighting import auc, binary_accuracy
+    model.eval()
+    n = model.n_future_tokens
+    sums, vsums, scores, ys = eval_sums(model, loader, ctx.device, autocast, heads, value)
     metrics = {}
     if heads:
         ddp_utils.all_reduce_sum(sums)
@@ -295,8 +309,6 @@ def evaluate(model, loader, ctx, autocast, heads: bool = True, value: bool = Fal
                         "val/head_acc": (sums[2] / sums[1].clamp(min=1)).tolist()})
     if value:
         ddp_utils.all_reduce_sum(vsums)
-        scores = torch.cat(last_values) if last_values else torch.zeros(0)
-        ys = torch.cat(labels) if labels else torch.zeros(0)
         if ctx.ddp:  # AUC needs every sample: gather the (small) per-sample vectors
             gathered = [None] * ctx.world_size
             dist.all_gather_object(gathered, (scores, ys))
