@@ -167,13 +167,17 @@ def test_padded_vocab_trains_like_unpadded(base_dir, data_dir, tmp_path):
 
 
 def test_config_files_load_and_validate():
-    """Every config/*.py only sets keys its script knows, with the right types (--help exits 0)."""
-    for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
-        if not name.endswith(".py"):
-            continue
-        script = {"baseline": "train_baseline.py", "base": "train_baseline.py", "reference": "train_baseline.py",
-                  "critic": "train_critic.py", "verifiable": "train_verifiable.py", "rho1": "train_rho1.py",
-                  "fsdp": "train_baseline.py", "bench": "bench.py", "eval": "eval.py"}
-        stage = next(s for s in script if s in name)
-        p = run([script[stage], f"config/{name}", "--help"])
-        assert "settings" in p.stdout
+    """Every config/*.py only sets keys its script knows, with the right types (--help exits 0).
+    The processes run side by side (each is mostly torch's import time)."""
+    script = {"baseline": "train_baseline.py", "base": "train_baseline.py", "reference": "train_baseline.py",
+              "critic": "train_critic.py", "verifiable": "train_verifiable.py", "rho1": "train_rho1.py",
+              "fsdp": "train_baseline.py", "bench": "bench.py", "eval": "eval.py"}
+    names = sorted(n for n in os.listdir(os.path.join(ROOT, "config")) if n.endswith(".py"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {name: subprocess.Popen([PY, script[next(s for s in script if s in name)], f"config/{name}", "--help"],
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for name in names}
+    assert len(procs) >= 15
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0 and "settings" in out, f"config/{name}: exit {p.returncode}\n{err[-2000:]}"
