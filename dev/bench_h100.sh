@@ -2,6 +2,9 @@
 # Issue 7: the whole benchmark set on one H100 in under 8 minutes (hard limits below sum to 7m40s).
 #   bash dev/bench_h100.sh                           # text + JSON under $OUT if set, else out/bench/
 #   PYTHON=.venv/bin/python bash dev/bench_h100.sh   # another interpreter (default: python3)
+#   BENCH_EXTRA="--device=cpu --dim=64 --n_heads=8 --n_kv_heads=1 --seq_len=64 --batch_size=1 --multiple_of=32 \
+#     --warmup=1 --iters=1" OUT=/tmp/smoke bash dev/bench_h100.sh   # the whole script in miniature (CPU smoke test)
+# The last lines printed are dev/bench_summary.py's table of the issue-7 numbers (also summary.md).
 # Each group is one bench.py process: its variants run side by side on the same GPU, with ratios
 # against the group's first variant. bench.py rewrites its JSON after every variant, so a group cut
 # short by its `timeout` still leaves the variants it finished; an OOM is reported per variant.
@@ -29,7 +32,9 @@ bench() {  # name, hard limit in seconds, bench.py arguments...
     local name=$1 limit=$2
     shift 2
     echo "=== $name (limit ${limit}s, started at $((SECONDS - T0))s)"
-    timeout -k 5 "$limit" "$PY" bench.py "$@" --json_out="$DIR/$name.json" 2>&1 | grep -v '^USDT:' | tee "$DIR/$name.txt"
+    # shellcheck disable=SC2086  (BENCH_EXTRA is a list of arguments)
+    timeout -k 5 "$limit" "$PY" bench.py "$@" ${BENCH_EXTRA:-} --json_out="$DIR/$name.json" 2>&1 \
+        | grep -v '^USDT:' | tee "$DIR/$name.txt"
     echo "=== $name: exit ${PIPESTATUS[0]} (124 = cut by the limit), at $((SECONDS - T0))s"
 }
 
@@ -40,3 +45,4 @@ bench bench_1b_stages 100 config/bench_1b.py --time_budget_s=70 \
 bench bench_7b_heads 150 config/bench_7b_heads.py --time_budget_s=80 \
     --variants="['base','ce0','naive','verifiable','rho1+cached','rho1+uncached','all','compile']"
 echo "total $((SECONDS - T0))s; files in $DIR"
+"$PY" dev/bench_summary.py "$DIR" | tee "$DIR/summary.md"   # the headline numbers, last in the output

@@ -92,3 +92,39 @@ def test_sequential_backward_peak_memory_below_naive(tmp_path):
     assert naive["peak_mem_bytes"] > 4 * logits_bytes  # all four heads' logits were alive at once
     assert seq["peak_mem_bytes"] / naive["peak_mem_bytes"] < 0.7
     assert abs(seq["loss"] - naive["loss"]) < 1e-5
+
+
+def test_h100_summary_reads_the_reports(tmp_path):
+    """dev/bench_summary.py (run at the end of dev/bench_h100.sh): ratios from hand-made reports,
+    and a variant that did not run shows its status."""
+    def report(name, results):
+        with open(tmp_path / f"{name}.json", "w") as f:
+            json.dump({"results": [dict(status="ok", **r) for r in results]}, f)
+    GiB = 2**30
+    report("bench_1b_impl", [dict(name="base", mfu=0.52, tokens_per_s=40000.0, peak_mem_bytes=40 * GiB),
+                             dict(name="hf", tokens_per_s=25000.0, peak_mem_bytes=50 * GiB),
+                             dict(name="n1", tokens_per_s=52000.0, peak_mem_bytes=37 * GiB),
+                             dict(name="V32001", tokens_per_s=39000.0), dict(name="V32001+pad64", tokens_per_s=39390.0),
+                             dict(name="naive", tokens_per_s=39000.0, peak_mem_bytes=None)])  # e.g. no peak API
+    report("bench_7b_heads", [dict(name="base", peak_mem_bytes=30 * GiB)])
+    with open(tmp_path / "bench_7b_heads.json") as f:  # 'all' ran out of memory
+        heads = json.load(f)
+    heads["results"].append({"name": "all", "status": "oom", "peak_mem_bytes": None})
+    with open(tmp_path / "bench_7b_heads.json", "w") as f:
+        json.dump(heads, f)
+    p = subprocess.run([sys.executable, "dev/bench_summary.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in p.stdout.splitlines()[2:]}
+    assert rows["1.1B n=4, stage 0, all trainable: MFU"] == "52.0 %"
+    assert rows["tokens/s vs LlamaForCausalLM, same size and batch"] == "1.60x"
+    assert rows["peak memory n=4 / n=1, same trunk"] == f"{40 / 37:.3f}x" == "1.081x"
+    assert rows["vocab 32001 padded to 32064: tokens/s vs unpadded"] == "1.010x"
+    assert rows["torch.compile of the blocks: tokens/s vs eager"] == "missing"
+    assert rows["peak memory naive / sequential head backward"] == "-"
+    assert rows["stage overhead: verifiable step time / stage 0"] == "missing"
+    assert rows["7B heads, frozen bf16 trunk, seq 2048: base peak memory"] == "30.0 GiB"
+    assert rows["7B heads, frozen bf16 trunk, seq 2048: all peak memory"] == "oom"
+    bad = subprocess.run([sys.executable, "dev/bench_summary.py", str(tmp_path / "nope")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
