@@ -36,6 +36,7 @@ Measured per variant (the JSON has every number; the table rounds them):
             through PyTorch's CPU allocator, not library scratch space (oneDNN/MKL) or Python objects.
 """
 
+import functools
 import gc
 import json
 import os
@@ -52,8 +53,8 @@ import train_common as tc
 from ddp_utils import peak_flops
 from model import ModelArgs, Transformer
 from model import flops_per_token as model_flops_per_token
-from weighting import (build_weights, compute_mtp_selective_weights, compute_td_errors, head_targets_mask,
-                       shift_to_heads, value_loss, value_mask)
+from weighting import (build_weights, compute_td_errors, head_targets_mask, rho1_head_weights, shift_to_heads,
+                       value_loss, value_mask)
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value); defaults: a micro model, seconds on a CPU
@@ -104,6 +105,14 @@ config = {k: v for k, v in globals().items()
           if not k.startswith("_") and isinstance(v, (bool, int, float, str, list, type(None)))}
 # -----------------------------------------------------------------------------
 
+def model_args(cfg):
+    """The ModelArgs of a variant's settings (the hf peer takes its dimensions from them too)."""
+    return ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"],
+                     vocab_size=cfg["vocab_size"], multiple_of=cfg["multiple_of"],
+                     ffn_dim_multiplier=cfg["ffn_dim_multiplier"], n_future_tokens=cfg["n_future_tokens"],
+                     max_seq_len=cfg["seq_len"], pad_vocab_multiple=cfg["pad_vocab_multiple"])
+
+
 def flops_per_token(cfg):
     """Model FLOPs of one training step per input token, every head counted (PaLM appendix B style).
 
@@ -121,9 +130,7 @@ def flops_per_token(cfg):
       + verifiable: value head 6 * (d*d + d);   + rho1 uncached: the reference forward (all blocks, n outputs)
     """
     d, S, V, L = cfg["dim"], cfg["seq_len"], cfg["vocab_size"], cfg["n_layers"]
-    args = ModelArgs(dim=d, n_layers=L, n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"], vocab_size=V,
-                     multiple_of=cfg["multiple_of"], ffn_dim_multiplier=cfg["ffn_dim_multiplier"],
-                     n_future_tokens=cfg["n_future_tokens"])
+    args = model_args(cfg)
     n = cfg["n_future_tokens"]
     n_outputs = 1 if cfg["impl"] == "hf" else n
     n_train = L if cfg["trainable"] == "all" else n  # 'heads': the last n blocks (for hf: its last n layers)
@@ -285,10 +292,7 @@ def make_batches(cfg, n_batches=4):
 # models and one training step
 
 def build_ours(cfg, value_head, param_dtype=torch.float32):
-    args = ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"],
-                     vocab_size=cfg["vocab_size"], multiple_of=cfg["multiple_of"],
-                     ffn_dim_multiplier=cfg["ffn_dim_multiplier"], n_future_tokens=cfg["n_future_tokens"],
-                     max_seq_len=cfg["seq_len"], pad_vocab_multiple=cfg["pad_vocab_multiple"])
+    args = model_args(cfg)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(param_dtype)  # built on the device in its final dtype: no host copy of a 7B model
     try:
@@ -301,9 +305,7 @@ def build_ours(cfg, value_head, param_dtype=torch.float32):
 
 def build_hf(cfg):
     from transformers import LlamaConfig, LlamaForCausalLM  # ImportError: the variant is skipped
-    args = ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"],
-                     vocab_size=cfg["vocab_size"], multiple_of=cfg["multiple_of"],
-                     ffn_dim_multiplier=cfg["ffn_dim_multiplier"])
+    args = model_args(cfg)
     hf_cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
                          num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                          num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
@@ -367,12 +369,8 @@ def make_step(cfg, model, ref_model, params, optimizer):
                     if ref_ce is None:
                         ref_ce = reference_ce(ref_model, tokens, cfg["ce_chunk_size"])
 
-                    def rho1_weights(k, ce_k):  # as train_rho1.py: a 2-head view per extra head
-                        if k == 0:
-                            return targets[..., 0]
-                        excess = torch.stack([torch.zeros_like(ce_k), ce_k - ref_ce[..., k]], dim=-1)
-                        return compute_mtp_selective_weights(excess, targets[..., [0, k]], cfg["k_percent"])[..., 1]
-
+                    rho1_weights = functools.partial(rho1_head_weights, targets=targets, ref_ce=ref_ce,
+                                                     k_percent=cfg["k_percent"])  # as train_rho1.py
                     out = model.forward_backward(tokens, rho1_weights, **kw)
             loss = out["loss"]
         if cfg["grad_clip"] > 0 or cfg["step_sync"]:

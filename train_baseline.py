@@ -155,11 +155,11 @@ while state["iter"] < max_iters:
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         ddp_utils.all_reduce_sum(log_sums)
         tokens_all = ddp_utils.all_reduce_sum(torch.tensor([float(log_tokens)], device=ctx.device)).item()
+        tokens_per_s = tokens_all / (time.time() - t_log)
         head_loss = (log_sums[0] / log_sums[1].clamp(min=1)).tolist()
         tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"], "train/loss": sum(head_loss) / n,
                                 "train/head_loss": head_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                                "tokens_per_s": tokens_all / (time.time() - t_log),
-                                "mfu": tc.mfu(model, ctx, dtype, tokens_all / (time.time() - t_log), max_length),
+                                "tokens_per_s": tokens_per_s, "mfu": tc.mfu(model, ctx, dtype, tokens_per_s, max_length),
                                 "mem_gb": tc.memory_gb(ctx)})
         log_sums.zero_()
         log_tokens, t_log = 0, time.time()

@@ -16,6 +16,7 @@ DDP:
     torchrun --standalone --nproc_per_node=4 train_rho1.py config/mtp7b_rho1.py
 """
 
+import functools
 import math
 import os
 import time
@@ -25,7 +26,7 @@ import torch
 import ddp_utils
 import train_common as tc
 from model import Transformer
-from weighting import compute_mtp_selective_weights, head_targets_mask
+from weighting import head_targets_mask, rho1_head_weights
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value)
@@ -167,14 +168,9 @@ while state["iter"] < max_iters:
         targets = head_targets_mask(batch["loss_mask"].to(ctx.device, non_blocking=True), n)  # (B, L, n)
         ref_ce = reference_ce(batch, tokens)  # (B, L, n)
 
-        def rho1_weights(k, ce_k):
-            """Head k's 0/1 weights from its own (detached) CE: all targets for head 0, the top
-            k_percent by excess loss for k >= 1 (compute_mtp_selective_weights on a 2-head view)."""
-            if k == 0:
-                return targets[..., 0]
-            excess = torch.stack([torch.zeros_like(ce_k), ce_k - ref_ce[..., k]], dim=-1)  # (B, L, 2)
-            return compute_mtp_selective_weights(excess, targets[..., [0, k]], k_percent)[..., 1]
-
+        # head k's 0/1 weights from its own detached CE: head 0 all targets, heads k >= 1 the top
+        # k_percent by excess loss ce_k - ref_ce[..., k]
+        rho1_weights = functools.partial(rho1_head_weights, targets=targets, ref_ce=ref_ce, k_percent=k_percent)
         with autocast:
             out = model.forward_backward(tokens, rho1_weights, loss_scale=1.0 / gradient_accumulation_steps,
                                          naive=naive_backward, ce_chunk_size=ce_chunk_size)
@@ -192,13 +188,13 @@ while state["iter"] < max_iters:
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         ddp_utils.all_reduce_sum(log_sums)
         tokens_all = ddp_utils.all_reduce_sum(torch.tensor([float(log_tokens)], device=ctx.device)).item()
+        tokens_per_s = tokens_all / (time.time() - t_log)
         head_loss = (log_sums[0] / log_sums[1].clamp(min=1)).tolist()
         tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"], "train/loss": sum(head_loss) / n,
                                 "train/head_loss": head_loss,
                                 "rho1/selected_frac": (log_sums[1] / log_sums[2].clamp(min=1)).tolist(),
                                 "rho1/cached_rows": len(cache), "lr": lr, "grad_norm": grad_norm.item(),
-                                "tokens_per_s": tokens_all / (time.time() - t_log),
-                                "mfu": tc.mfu(model, ctx, dtype, tokens_all / (time.time() - t_log), max_length),
+                                "tokens_per_s": tokens_per_s, "mfu": tc.mfu(model, ctx, dtype, tokens_per_s, max_length),
                                 "mem_gb": tc.memory_gb(ctx)})
         log_sums.zero_()
         log_tokens, t_log = 0, time.time()

@@ -180,6 +180,7 @@ while state["iter"] < max_iters:
         ddp_utils.all_reduce_sum(log_sums)
         ddp_utils.all_reduce_sum(log_value)
         tokens_all = ddp_utils.all_reduce_sum(torch.tensor([float(log_tokens)], device=ctx.device)).item()
+        tokens_per_s = tokens_all / (time.time() - t_log)
         head_loss = (log_sums[0] / log_sums[1].clamp(min=1)).tolist()
         stats = weight_stats(w_tok, loss_mask, td if weight_mode == "td" else None, beta, clip_min, clip_max, whiten)
         tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"], "train/loss": sum(head_loss) / n,
@@ -187,8 +188,7 @@ while state["iter"] < max_iters:
                                 "train/value_mse": (log_value[0] / log_value[1].clamp(min=1)).item(),
                                 **{f"weights/{k}": v for k, v in stats.items()},  # last micro-batch of this rank
                                 "lr": lr, "grad_norm": grad_norm.item(),
-                                "tokens_per_s": tokens_all / (time.time() - t_log),
-                                "mfu": tc.mfu(model, ctx, dtype, tokens_all / (time.time() - t_log), max_length),
+                                "tokens_per_s": tokens_per_s, "mfu": tc.mfu(model, ctx, dtype, tokens_per_s, max_length),
                                 "mem_gb": tc.memory_gb(ctx)})
         log_sums.zero_()
         log_value.zero_()

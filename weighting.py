@@ -215,6 +215,21 @@ def compute_mtp_selective_weights(excess_loss, mask, k_percent=0.6):
     return w
 
 
+def rho1_head_weights(k, ce_k, targets, ref_ce, k_percent=0.6):
+    """
+    Stage 3's weights of head k from that head's own (detached) policy CE, in the callable form
+    Transformer.forward_backward takes (bind targets, ref_ce, k_percent with functools.partial):
+    head 0 all its targets; head k >= 1 the top k_percent of its targets by excess loss
+    ce_k - ref_ce[..., k] (compute_mtp_selective_weights on a 2-head view).
+
+    k int, ce_k (B, L), targets (B, L, n) 0/1, ref_ce (B, L, n) -> (B, L)
+    """
+    if k == 0:
+        return targets[..., 0]
+    excess = torch.stack([torch.zeros_like(ce_k), ce_k - ref_ce[..., k]], dim=-1)  # (B, L, 2)
+    return compute_mtp_selective_weights(excess, targets[..., [0, k]], k_percent)[..., 1]
+
+
 # -----------------------------------------------------------------------------
 # Aligning token-level quantities with the MTP heads
 

@@ -287,8 +287,8 @@ def test_training_micro_steps_never_read_back_to_the_host(naive, ce_chunk_size):
     """The per-micro-step work of the stages (weights, losses, sequential backward) queues device
     work only; the one host read per optimizer step is optimizer_step's isfinite(grad norm)."""
     import train_common
-    from weighting import (build_weights, compute_mtp_selective_weights, compute_td_errors, head_targets_mask,
-                           random_like_weights, shift_to_heads, shuffle_within_rows, value_loss, value_mask)
+    from weighting import (build_weights, compute_td_errors, head_targets_mask, random_like_weights,
+                           rho1_head_weights, shift_to_heads, shuffle_within_rows, value_loss, value_mask)
     model = random_model(micro_args(3, 2, pad_vocab_multiple=64), value_head=True).train()
     torch.manual_seed(4)
     tokens, reward = torch.randint(0, 97, (3, 20)), torch.tensor([1.0, 0.0, 1.0])
@@ -308,13 +308,8 @@ def test_training_micro_steps_never_read_back_to_the_host(naive, ce_chunk_size):
         model.forward_backward(tokens, shift_to_heads(w, 3), h_trunk=h_trunk,
                                extra_loss=0.5 * value_loss(values, reward, vmask), naive=naive,
                                ce_chunk_size=ce_chunk_size)
-
-        def rho1_weights(k, ce_k):  # stage 3, as train_rho1.py
-            if k == 0:
-                return targets[..., 0]
-            excess = torch.stack([torch.zeros_like(ce_k), ce_k - ref_ce[..., k]], dim=-1)
-            return compute_mtp_selective_weights(excess, targets[..., [0, k]], 0.6)[..., 1]
-        model.forward_backward(tokens, rho1_weights, naive=naive, ce_chunk_size=ce_chunk_size)
+        model.forward_backward(tokens, lambda k, ce_k: rho1_head_weights(k, ce_k, targets, ref_ce, 0.6),  # stage 3
+                               naive=naive, ce_chunk_size=ce_chunk_size)
     assert host.reads == []
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # fused, as on CUDA

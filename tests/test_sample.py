@@ -15,15 +15,7 @@ from sample import speculative_generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest on a busy 2-core box
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Micro models run fastest on one thread; two threads on a busy 2-core box can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def micro_model(n_future_tokens, vocab_size=61, seed=0, n_layers=5, dim=48):

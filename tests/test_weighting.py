@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from weighting import (auc, binary_accuracy, build_weights, compute_mtp_selective_weights, compute_td_errors,
-                       head_targets_mask, random_like_weights, shift_to_heads, shuffle_within_rows, value_loss,
-                       value_mask, weight_stats, weighted_mtp_ce)
+                       head_targets_mask, random_like_weights, rho1_head_weights, shift_to_heads, shuffle_within_rows,
+                       value_loss, value_mask, weight_stats, weighted_mtp_ce)
 
 ATOL = 1e-6
 
@@ -235,6 +235,18 @@ def test_selective_weights_hand_example():
     close(w[..., 1], [[0, 0, 0], [1, 0, 0]])
     close(w[..., 2], [[1, 0, 0], [0, 0, 0]])
     close(compute_mtp_selective_weights(excess, mask, k_percent=1.0), mask)
+
+
+def test_rho1_head_weights_hand_example():
+    """Head k's weights from its own CE minus the reference CE of head k (the other heads' CE unused)."""
+    targets = torch.tensor([[[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]]], dtype=torch.float32)  # (1, 4, 3)
+    ref_ce = torch.tensor([[[9.0, 1.0, 0.0], [9.0, 1.0, 2.0], [9.0, 0.0, 0.0], [9.0, 0.0, 0.0]]])
+    ce = torch.tensor([[2.0, 1.5, 0.5, 50.0]])  # (1, 4); position 3 has no target for heads 1 and 2
+    close(rho1_head_weights(0, ce, targets, ref_ce, 0.5), [[1, 1, 1, 1]])  # head 0: every target
+    # head 1: excess 1.0, 0.5, 0.5 over 3 targets, ceil(0.5 * 3) = 2 -> t=0, then the tie by index t=1
+    close(rho1_head_weights(1, ce, targets, ref_ce, 0.5), [[1, 1, 0, 0]])
+    # head 2: excess 2.0, -0.5 over 2 targets, ceil(0.5 * 2) = 1 -> t=0
+    close(rho1_head_weights(2, ce, targets, ref_ce, 0.5), [[1, 0, 0, 0]])
 
 
 def test_selective_weights_float_noise_and_validation():
