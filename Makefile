@@ -19,4 +19,7 @@ study: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-.PHONY: venv study test
+test-fast: $(VENV)/.installed   # the inner loop: everything but the multi-process / long tests (under 2 minutes)
+	$(PY) -m pytest -q -m "not slow" tests
+
+.PHONY: venv study test test-fast

@@ -36,7 +36,6 @@ Measured per variant (the JSON has every number; the table rounds them):
             through PyTorch's CPU allocator, not library scratch space (oneDNN/MKL) or Python objects.
 """
 
-import functools
 import gc
 import json
 import os
@@ -49,12 +48,11 @@ import time
 import torch
 
 import ddp_utils
-import train_common as tc
+from data.format import fail
 from ddp_utils import peak_flops
 from model import ModelArgs, Transformer
 from model import flops_per_token as model_flops_per_token
-from weighting import (build_weights, compute_td_errors, head_targets_mask, rho1_head_weights, shift_to_heads,
-                       value_loss, value_mask)
+from weighting import build_weights, compute_td_errors, n_selected, select_top_k, shift_to_heads, value_loss, value_mask
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value); defaults: a micro model, seconds on a CPU
@@ -86,7 +84,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0: no clipping
-step_sync = False  # read the grad norm's isfiniteness on the host every step, as train_common.optimizer_step does
+step_sync = False  # read the grad norm's isfiniteness on the host every step, as ddp_utils.optimizer_step does
 # system
 device = "auto"  # 'auto' | 'cuda' | 'cuda:N' | 'mps' | 'cpu'
 dtype = ""  # '' = 'bfloat16' on CUDA (if supported), else 'float32'; bf16 runs under autocast
@@ -232,7 +230,7 @@ try:
     if baseline_variant and baseline_variant not in variants:
         raise ValueError(f"baseline_variant {baseline_variant!r} is not among variants {variants}")
 except ValueError as e:
-    tc.fail(e)
+    fail(e)
 config["dtype"] = dtype
 if threads > 0:
     torch.set_num_threads(threads)
@@ -240,7 +238,7 @@ if ctx.device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
 device_type = ctx.device_type
-autocast = tc.autocast_context(ctx, dtype)
+autocast = ddp_utils.autocast_context(ctx, dtype)
 if device_type == "cuda":
     device_name = torch.cuda.get_device_name(ctx.device)
     mem_method = "torch.cuda.max_memory_allocated (all steps of the variant)"
@@ -331,14 +329,6 @@ def set_trainable_hf(model, cfg):
     return params
 
 
-@torch.no_grad()
-def reference_ce(ref_model, tokens, ce_chunk):
-    """The frozen reference's per-token CE (B, S, n), one head's logits at a time (as train_rho1.py)."""
-    h = ref_model.trunk_forward(tokens)
-    return torch.stack([ref_model.head_cross_entropy(ref_model.head_forward(h, k), tokens, k, ce_chunk)
-                        for k in range(ref_model.n_future_tokens)], dim=-1).float()
-
-
 def make_step(cfg, model, ref_model, params, optimizer):
     """One full training step on a host batch; returns the loss as a device tensor (no host sync)."""
     n = cfg["n_future_tokens"]
@@ -352,27 +342,34 @@ def make_step(cfg, model, ref_model, params, optimizer):
                 loss = model(input_ids=tokens, labels=labels).loss
             loss.backward()
         else:
-            targets = head_targets_mask(loss_mask, n)  # (B, S, n)
+            targets = shift_to_heads(loss_mask, n)  # (B, S, n) 0/1
+            n_targets = targets.sum(dim=(0, 1)).clamp(min=1)  # (n,) one micro-step = the whole step here
             kw = dict(naive=cfg["naive"], ce_chunk_size=cfg["ce_chunk_size"])
             with autocast:
-                if cfg["stage"] == "baseline":
-                    out = model.forward_backward(tokens, targets, **kw)
+                if cfg["stage"] == "baseline":  # the head losses as the train_*.py scripts write them
+                    head_losses = model.forward_backward(
+                        tokens, lambda k, ce_k: (targets[..., k] * ce_k).sum() / n_targets[k], **kw)
                 elif cfg["stage"] == "verifiable":
                     h_trunk = model.trunk_forward(tokens)  # (B, S, dim)
                     values = model.value(h_trunk)  # (B, S) fp32
                     td = compute_td_errors(values.detach(), reward, loss_mask)
-                    w_tok = build_weights(td, loss_mask)  # (B, S) detached
+                    w_heads = shift_to_heads(build_weights(td, loss_mask), n)  # (B, S, n) detached
                     v_loss = value_loss(values, reward, value_mask(loss_mask))
-                    out = model.forward_backward(tokens, shift_to_heads(w_tok, n), h_trunk=h_trunk,
-                                                 extra_loss=cfg["value_coef"] * v_loss, **kw)
-                else:  # rho1
+                    head_losses = model.forward_backward(
+                        tokens, lambda k, ce_k: (w_heads[..., k] * ce_k).sum() / n_targets[k], h_trunk=h_trunk,
+                        extra_loss=cfg["value_coef"] * v_loss, **kw)
+                else:  # rho1: head 0 every target, heads k >= 1 the top k_percent by excess loss
                     if ref_ce is None:
-                        ref_ce = reference_ce(ref_model, tokens, cfg["ce_chunk_size"])
+                        ref_ce = ref_model.head_cross_entropies(tokens, cfg["ce_chunk_size"]).float()
+                    n_keep = torch.cat([n_targets[:1], n_selected(n_targets[1:], cfg["k_percent"]).float()])
 
-                    rho1_weights = functools.partial(rho1_head_weights, targets=targets, ref_ce=ref_ce,
-                                                     k_percent=cfg["k_percent"])  # as train_rho1.py
-                    out = model.forward_backward(tokens, rho1_weights, **kw)
-            loss = out["loss"]
+                    def head_loss(k, ce_k):
+                        w_k = targets[..., 0] if k == 0 else select_top_k(ce_k.detach() - ref_ce[..., k],
+                                                                          targets[..., k], cfg["k_percent"])
+                        return (w_k * ce_k).sum() / n_keep[k]
+
+                    head_losses = model.forward_backward(tokens, head_loss, **kw)
+            loss = head_losses.mean()
         if cfg["grad_clip"] > 0 or cfg["step_sync"]:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
             if cfg["step_sync"] and not bool(torch.isfinite(norm)):  # the training loop's skip check: a host sync
@@ -400,17 +397,19 @@ def run_variant(cfg):
     else:
         model = build_ours(cfg, value_head=cfg["stage"] == "verifiable")
         trainable_set = cfg["trainable"] + ("+value_head" if cfg["trainable"] == "heads" and model.value_head else "")
-        params = tc.set_trainable(model, trainable_set)
+        params = model.set_trainable(trainable_set)
         blocks = [*model.layers, *model.extra_heads]
-    tc.place_model(model, ctx, dtype)  # frozen weights stored in the compute dtype, as in training
+    ddp_utils.place_model(model, ctx, dtype)  # frozen weights stored in the compute dtype, as in training
     model.train()
     ref_model = None
     if cfg["impl"] == "ours" and cfg["stage"] == "rho1" and not cfg["ref_cached"]:
-        ref_model = build_ours(cfg, value_head=False, param_dtype=tc.PTDTYPE[dtype]).eval().requires_grad_(False)
+        ref_model = build_ours(cfg, value_head=False, param_dtype=ddp_utils.PTDTYPE[dtype]).eval().requires_grad_(False)
     if cfg["compile"]:
         for block in blocks:
             block.compile()
-    optimizer = tc.configure_optimizer(params, cfg, ctx)
+    # Transformer's AdamW set-up (it only reads .parameters(), so it serves the hf peer too)
+    optimizer = Transformer.configure_optimizer(model, cfg["weight_decay"], cfg["learning_rate"],
+                                                (cfg["beta1"], cfg["beta2"]), device_type)
     step = make_step(cfg, model, ref_model, params, optimizer)
     batches = make_batches(cfg)
     if device_type == "cuda":

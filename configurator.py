@@ -139,9 +139,7 @@ if __name__ != "configurator":  # exec'd by a training script: override its glob
         try:
             g.update(apply_overrides(config, sys.argv[1:], verbose=os.environ.get("RANK", "0") == "0"))
         except ConfigError as e:
-            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "configurator"
-            msg = " ".join(str(e).splitlines())
-            print(f"{prog}: error: {msg}", file=sys.stderr)
-            sys.exit(2)
+            from data.format import fail
+            fail(e)
     _configure(globals())
     del _configure, ConfigError, apply_overrides, _unknown_key, _parse_value, _check_type, _run_config_file

@@ -1,9 +1,11 @@
 """
-Runtime helpers shared by the four train_*.py scripts: device and DDP setup, the few collectives
-the training loops call, atomic checkpoints, RNG state, and metrics logging.
+Runtime helpers shared by the four train_*.py scripts and the tools: device and DDP setup, the
+few collectives the training loops call, placing a model on its device (FSDP included), the
+optimizer step, atomic checkpoints, RNG state, and metrics logging.
 
 The scripts call these inline (setup, barrier, all_reduce_sum, sync_gradients) so a reader sees
-every distributed step in the training loop itself; nothing here hides a loop or a model.
+every distributed step in the training loop itself; nothing here hides a loop or a model. A
+function that is itself a collective (every rank must call it) says so in its name or docstring.
 """
 
 import glob
@@ -14,6 +16,7 @@ import random
 import sys
 import warnings
 from collections import OrderedDict
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,6 +25,8 @@ import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
 # device and process group
+
+PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _pick_device(device):
@@ -94,11 +99,6 @@ def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def is_main_process():
-    """True on rank 0, and in a single process."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def barrier():
     """Wait for every rank (no-op without DDP)."""
     if dist.is_available() and dist.is_initialized():
@@ -109,6 +109,45 @@ def cleanup():
     """Leave the process group, if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def autocast_context(ctx, dtype: str):
+    """bf16 autocast on CUDA/CPU/MPS when asked for; fp32 runs without autocast."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=ctx.device_type, dtype=PTDTYPE[dtype])
+
+
+def place_model(model, ctx, dtype: str):
+    """Move to the device, every weight in its training dtype: trainable ones fp32 (AdamW's master
+    copy), frozen ones the compute dtype (a frozen bf16 trunk halves its memory), the value head
+    fp32. One weight at a time, so a memory-mapped checkpoint is never copied whole on the host.
+    fsdp: each block in turn is converted on the CPU and sharded over the ranks (each keeps
+    1/world_size of it on its device: fsdp_shard_blocks), then the replicated rest (embeddings,
+    norm, output, value head) moves; no GPU ever holds the whole model. Collective under fsdp."""
+    def training_dtype(name, p):
+        keep_fp32 = dtype == "float32" or p.requires_grad or name.startswith("value_head.")
+        return torch.float32 if keep_fp32 else PTDTYPE[dtype]
+
+    if ctx.fsdp:
+        def convert_block(block):  # on the CPU, just before fully_shard moves its shards to the device
+            for name, p in block.named_parameters():
+                p.data = p.data.to(dtype=training_dtype(name, p))
+        fsdp_shard_blocks(model, ctx, param_dtype=None if dtype == "float32" else PTDTYPE[dtype],
+                          before_shard=convert_block)
+    for name, p in model.named_parameters():
+        if not is_sharded(p):
+            p.data = p.data.to(device=ctx.device, dtype=training_dtype(name, p))
+    return model
+
+
+def memory_gb(ctx) -> float:
+    """Peak memory of this process: the GPU's allocations on CUDA, the process's peak RSS elsewhere."""
+    if ctx.device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
 # -----------------------------------------------------------------------------
@@ -191,6 +230,34 @@ def sync_gradients(params, bucket_size=25_000_000):
         for g in bucket:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def all_gather(tensor):
+    """Every rank's `tensor` (the same shape on all), concatenated along dim 0 in rank order;
+    `tensor` itself in a single process. A collective."""
+    if not _distributed():
+        return tensor
+    comm = _comm_device()
+    t = tensor.to(comm) if comm is not None else tensor
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out).to(tensor.device)
+
+
+def optimizer_step(optimizer, params, grad_clip: float):
+    """Clip the (already synced) gradients and step, unless their norm is non-finite: then the step
+    is skipped, the same way on every rank (the norm is global). One host sync per optimizer step
+    (not per micro-step). Returns (grad_norm tensor, stepped bool)."""
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    if any(is_sharded(p) for p in params):  # fsdp: sharded block grads + replicated rest
+        grad_norm = clip_grad_norm_(params, max_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    stepped = bool(torch.isfinite(grad_norm))
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped
 
 
 def broadcast_parameters(model):
@@ -437,6 +504,17 @@ def get_rng_state():
     if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
         state["mps"] = torch.mps.get_rng_state()
     return state
+
+
+def gather_rng_states_all_ranks():
+    """[get_rng_state() of rank 0, rank 1, ...] (a checkpoint keeps them all for exact resume).
+    A collective: every rank must call it, also the ones that do not write the checkpoint."""
+    state = get_rng_state()
+    if not _distributed():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
 def set_rng_state(state):

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-import train_common
+from evaluation import eval_sums
 from weighting import auc, binary_accuracy
 
 # -----------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
     model.eval()
     device = model.tok_embeddings.weight.device
     meta = load_meta(data_dir)
-    tok, n = tokenizer, model.n_future_tokens
+    tok = tokenizer
     notes, timings = [], {}
     problems = load_problems(data_dir, split, n_problems)
     prompts = [tok.encode(p, bos=True, eos=False) for _, p in problems]  # [bos] prompt, as in the token data
@@ -184,7 +184,7 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
             yield collate([ds[i] for i in rows[b * batch_size:(b + 1) * batch_size]], meta["pad_id"])
             _progress("token data", b + 1, n_batches, t0, log_interval)
 
-    sums, _, v, y = train_common.eval_sums(model, batches(), device, contextlib.nullcontext(),
+    sums, _, v, y = eval_sums(model, batches(), device, contextlib.nullcontext(),
                                            value=model.value_head is not None)
     ce_sum, n_targets, n_correct = sums.double().cpu()  # each (n,)
     timings["val_s"] = time.time() - t0
@@ -276,6 +276,7 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
 
     import ddp_utils
+    from data.format import fail
     from data.loader import load_meta
     from model import Transformer
     from sample import resolve_dtype, resolve_init
@@ -295,8 +296,7 @@ if __name__ == "__main__":
         if split not in meta["splits"]:
             raise ValueError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
     except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"eval.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     out_path = out or os.path.join(os.path.dirname(ckpt_file) if ckpt_file else load_path, "eval.json")
     print(f"evaluating {ckpt_file or load_path} ({model.num_params() / 1e6:.2f}M params, {model.n_future_tokens} "
           f"heads, value head: {model.value_head is not None}, {ptdtype}, {ctx.device}) on {data_dir} {split}")

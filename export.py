@@ -37,7 +37,8 @@ import shutil
 
 import torch
 
-from model import ModelArgs, Tokenizer, Transformer, ValueHead, meta_weights_path, resolve_checkpoint
+from model import ModelArgs, Transformer, ValueHead, meta_weights_path, resolve_checkpoint
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # settings: python export.py [config.py] [--key=value ...]
@@ -201,10 +202,9 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype="bfloat16", tokenizer_
 
 
 if __name__ == "__main__":
-    import sys
+    from data.format import fail
     exec(open("configurator.py").read())
     try:
         export_checkpoint(ckpt, out_dir, dtype, tokenizer, overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"export.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)

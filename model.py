@@ -19,13 +19,13 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, fields
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import Tokenizer  # noqa: F401  (re-exported: model.Tokenizer)
+from tokenizer import Tokenizer
 
 # which file of a run directory Transformer.load picks
 CHECKPOINT_PREFERENCE = ("best.pt", "final.pt", "ckpt.pt")
@@ -257,10 +257,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     Forward walks over chunks of tokens and keeps only the log-sum-exp per token; backward
     recomputes each chunk's logits (one extra matmul) to form softmax - onehot. Targets < 0 give 0.
     Columns from vocab_size on (vocab padding) are set to -inf: probability 0, gradient 0.
+    `saved` is autograd's per-call context (what torch's docs call ctx; here ctx is the run's
+    device/rank context).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size, vocab_size):
+    def forward(saved, h, weight, targets, chunk_size, vocab_size):
         # h: (N, D) in the compute dtype; weight: (Vp, D) parameter; targets: (N,) long
         w = weight.to(h.dtype)
         N = h.shape[0]
@@ -274,21 +276,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
             ce[s:s + chunk_size] = torch.where(t >= 0, lse_c - picked, 0.0)
             lse[s:s + chunk_size] = lse_c
-        ctx.save_for_backward(h, weight, targets, lse)
-        ctx.chunk_size, ctx.vocab_size = chunk_size, vocab_size
+        saved.save_for_backward(h, weight, targets, lse)
+        saved.chunk_size, saved.vocab_size = chunk_size, vocab_size
         return ce
 
     @staticmethod
-    def backward(ctx, grad_ce):
-        h, weight, targets, lse = ctx.saved_tensors
+    def backward(saved, grad_ce):
+        h, weight, targets, lse = saved.saved_tensors
         w = weight.to(h.dtype)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        c = ctx.chunk_size
+        c = saved.chunk_size
         for s in range(0, h.shape[0], c):
             t = targets[s:s + c]
             logits = (h[s:s + c] @ w.t()).float()  # (c, Vp)
-            logits[:, ctx.vocab_size:] = float("-inf")
+            logits[:, saved.vocab_size:] = float("-inf")
             dlogits = torch.exp(logits - lse[s:s + c, None])  # softmax
             dlogits.scatter_add_(1, t.clamp(min=0)[:, None], -torch.ones_like(dlogits[:, :1]))
             g = torch.where(t >= 0, grad_ce[s:s + c].float(), 0.0)  # (c,)
@@ -437,22 +439,21 @@ class Transformer(nn.Module):
         ce = F.cross_entropy(logits.view(B * S, -1), targets.view(-1), ignore_index=-1, reduction="none")
         return ce.view(B, S)
 
-    def forward_backward(self, tokens, weights: Union[torch.Tensor, Callable], h_trunk=None, extra_loss=None,
-                         loss_scale: float = 1.0, naive: bool = False, ce_chunk_size: int = 0):
-        """One micro-step of weighted MTP training: computes the loss AND runs its backward.
+    def forward_backward(self, tokens, head_loss: Callable, h_trunk=None, extra_loss=None, naive: bool = False,
+                         ce_chunk_size: int = 0):
+        """One micro-step's backward of  mean over heads k of head_loss(k, ce_k)  (+ extra_loss).
 
-        weights: (B, S, n) tensor, or a callable (k, ce_k (B, S) detached) -> (B, S) weights of head k
-          (for selections that depend on the policy's own loss, e.g. Rho-1). weights[b, t, k] is the
-          weight of head k at position t, whose target is tokens[b, t+k+1]; 0 = not a target.
-        loss_k = sum(w_k * ce_k) / max(count(w_k > 0), 1); loss = mean over heads.
+        head_loss(k, ce_k) -> scalar is the training script's loss of head k, written there:
+          ce_k (B, S) float32 is head k's cross-entropy at every position t against tokens[b, t+k+1]
+          (0 where t+k+1 >= S); the script weights it and divides by its normaliser (e.g. the
+          step's target count of head k), so nothing here rescales.
         extra_loss: a scalar built on h_trunk (e.g. value_coef * value MSE), added to the loss.
-        The backward is of loss_scale * (loss + extra_loss) (loss_scale = 1/grad_accum steps).
 
         naive=False is the MTP paper's sequential head backward: trunk forward, d = h_trunk
         detached, per head forward+backward into d.grad (so only one head's logits live at a
         time), then one trunk backward with the accumulated d.grad. naive=True backpropagates the
         sum of all heads at once; both give the same gradients.
-        Returns {"loss", "head_losses" (n,), "head_counts" (n,)} as detached tensors (no host sync).
+        Returns the n head_loss values (n,) detached (no host sync).
         """
         n = self.n_future_tokens
         if h_trunk is None:
@@ -460,37 +461,69 @@ class Transformer(nn.Module):
         trunk_needs_grad = h_trunk.requires_grad
         head_input = h_trunk if naive else h_trunk.detach().requires_grad_(trunk_needs_grad)
 
-        head_losses, head_counts, naive_total = [], [], 0.0
+        head_losses, naive_total = [], 0.0
         for k in range(n):
             hk = self.head_forward(head_input, k)  # (B, S, dim)
-            ce_k = self.head_cross_entropy(hk, tokens, k, ce_chunk_size)  # (B, S)
-            w_k = weights(k, ce_k.detach()) if callable(weights) else weights[..., k]
-            w_k = w_k.to(ce_k.dtype)
-            count_k = (w_k > 0).sum()
-            loss_k = (w_k * ce_k).sum() / count_k.clamp(min=1)
+            loss_k = head_loss(k, self.head_cross_entropy(hk, tokens, k, ce_chunk_size))  # scalar
             head_losses.append(loss_k.detach())
-            head_counts.append(count_k)
             if naive:
                 naive_total = naive_total + loss_k / n
             elif loss_k.requires_grad:
-                (loss_k * (loss_scale / n)).backward()  # frees head k's graph and logits
+                (loss_k / n).backward()  # frees head k's graph and logits; d.grad accumulates
 
         if naive:
             total = naive_total + (extra_loss if extra_loss is not None else 0.0)
             if torch.is_tensor(total) and total.requires_grad:
-                (total * loss_scale).backward()
+                total.backward()
         else:
             roots, grads = [], []
             if trunk_needs_grad and head_input.grad is not None:
                 roots.append(h_trunk)
                 grads.append(head_input.grad)
             if extra_loss is not None and extra_loss.requires_grad:
-                roots.append(extra_loss * loss_scale)
+                roots.append(extra_loss)
                 grads.append(None)
             if roots:
                 torch.autograd.backward(roots, grads)  # one trunk backward for all heads (+ value loss)
-        head_losses = torch.stack(head_losses)
-        return {"loss": head_losses.mean(), "head_losses": head_losses, "head_counts": torch.stack(head_counts)}
+        return torch.stack(head_losses)
+
+    @torch.no_grad()
+    def head_cross_entropies(self, tokens, ce_chunk_size: int = 0):
+        """Every head's CE without gradients, one head's logits at a time: tokens (B, S) -> (B, S, n)
+        float32, [b, t, k] against tokens[b, t+k+1] (0 past the end). Rho-1's reference losses."""
+        h = self.trunk_forward(tokens)
+        return torch.stack([self.head_cross_entropy(self.head_forward(h, k), tokens, k, ce_chunk_size)
+                            for k in range(self.n_future_tokens)], dim=-1)
+
+    def set_trainable(self, trainable: str) -> list:
+        """Freeze everything but `trainable` and return the trainable parameters.
+        'all': every weight (value head included if present); 'heads': the n head blocks plus the
+        shared norm and output (the trunk and embeddings frozen, as in the 7B runs); 'value_head':
+        the critic only; 'heads+value_head': both. An unknown part is a ValueError."""
+        head0 = f"layers.{len(self.layers) - 1}."
+        groups = {
+            "all": lambda name: True,
+            "heads": lambda name: name.startswith(("extra_heads.", "norm.", "output.", head0)),
+            "value_head": lambda name: name.startswith("value_head."),
+        }
+        parts = trainable.split("+")
+        if any(p not in groups for p in parts):
+            raise ValueError(f"trainable={trainable!r}: use 'all', 'heads', 'value_head' or 'heads+value_head'")
+        params = []
+        for name, p in self.named_parameters():
+            p.requires_grad_(any(groups[g](name) for g in parts))
+            if p.requires_grad:
+                params.append(p)
+        return params
+
+    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas: tuple, device_type: str):
+        """AdamW over the parameters that train; weight decay on matrices only (not norms, biases);
+        the fused kernel on CUDA. Call after set_trainable (and after any sharding, which swaps in
+        new parameter objects)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     @torch.no_grad()
     def head_eval_sums(self, tokens, targets_mask, h_trunk=None):

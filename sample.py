@@ -21,6 +21,7 @@ import time
 import torch
 
 import ddp_utils
+from data.format import fail
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -185,8 +186,7 @@ if __name__ == "__main__":
             raise ValueError(f"tokenizer {tokenizer} has {tok.n_words} words but the model's vocab_size is "
                              f"{model.args.vocab_size}: not this model's tokenizer")
     except (FileNotFoundError, ValueError) as e:
-        print(f"sample.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
 
     if start.startswith("FILE:"):
         with open(start[5:], encoding="utf-8") as f:

@@ -24,7 +24,10 @@ import torch
 
 import ddp_utils
 import train_common as tc
-from weighting import head_targets_mask
+from data.format import fail
+from evaluation import evaluate_all_ranks
+from model import ModelArgs
+from weighting import shift_to_heads
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value)
@@ -82,95 +85,128 @@ wandb_project = "wmtp"
 wandb_run_name = "baseline"
 s3_uri = None  # 's3://bucket/prefix': rank 0 uploads checkpoints in the background
 s3_keep = 3  # newest checkpoints kept on S3 (plus the best)
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+config = {k: globals()[k] for k in config_keys}  # the settings as given; saved in checkpoints and logs
 # -----------------------------------------------------------------------------
 
 try:
     ctx = ddp_utils.setup(device, fsdp)
 except ValueError as e:
-    tc.fail(e)
+    fail(e)
 tc.check_config(config, ctx)
 torch.manual_seed(seed + ctx.rank)
-autocast = tc.autocast_context(ctx, dtype)
+autocast = ddp_utils.autocast_context(ctx, dtype)
 
 # data
-meta, datasets, loaders = tc.build_data(config, ctx)
+meta, datasets, loaders = tc.build_data(data_dir, ctx, batch_size, max_length, overflow, seed, n_samples,
+                                        balance_correct, correct_ratio)
 train_loader, train_sampler = loaders["train"]
 val_loader, _ = loaders["val"]
 
 # model
-model, resume = tc.init_model(config, ctx, meta, value_head=False)
+model_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=meta["vocab_size"],
+                       multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier, norm_eps=norm_eps,
+                       rope_theta=rope_theta, n_future_tokens=n_future_tokens, max_seq_len=max_seq_len)
+model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=False, pad_vocab_multiple=pad_vocab_multiple,
+                              model_args=model_args, seed=seed)
 n = model.n_future_tokens
 tc.set_trainable(model, trainable)
-tc.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
+ddp_utils.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
 params = [p for p in model.parameters() if p.requires_grad]  # after place_model: fsdp swaps in shards
 ddp_utils.broadcast_parameters(model)  # identical start on every rank
 tc.maybe_compile(model, compile)
-optimizer = tc.configure_optimizer(params, config, ctx)
+optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), ctx.device_type)
 state = tc.restore_state(resume, optimizer, ctx, model)  # iter, epoch, sampler_pos, best_val_loss
 if max_iters is None:
     max_iters = n_epochs * math.ceil(len(train_loader) / gradient_accumulation_steps)
-logger, uploader = tc.start_run(config, ctx)
+config.update(max_iters=max_iters, lr_decay_iters=lr_decay_iters or max_iters)  # the derived values too
+logger, uploader = tc.start_run(out_dir, ctx, config, wandb_log, wandb_project, wandb_run_name, s3_uri, s3_keep)
+ddp_utils.barrier()  # out_dir exists before any rank goes on
 if ctx.master:
     print(f"baseline: {model.num_params() / 1e6:.2f}M params ({sum(p.numel() for p in params) / 1e6:.2f}M trainable), "
           f"{n} heads, {len(datasets['train'])} train rows, {max_iters} iters, {ctx.world_size} rank(s) on {ctx.device}")
 
 
+def save_all_ranks(names, optimizer=optimizer):
+    """The run checkpoint to out_dir/names (all ranks call this), then wait for it on every rank."""
+    tc.save_run_all_ranks(model, optimizer, state, config, meta, "baseline", ctx, out_dir, names, uploader)
+    ddp_utils.barrier()
+
+
 if eval_only:
-    tc.report(logger, ctx, {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast)})
+    tc.report(logger, ctx, {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast)})
     tc.finish_run(logger, uploader, ctx)
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
 # training loop
-batches = tc.epoch_batches(train_loader, train_sampler, state)
+train_sampler.set_epoch(state["epoch"])  # this epoch's shuffle (the same on every rank) ...
+train_sampler.set_skip(state["sampler_pos"])  # ... minus what a resumed run already read of it
+train_iter = iter(train_loader)
 model.train()
-log_sums = torch.zeros(2, n, device=ctx.device)  # weighted loss sum, target count per head since the last log
-log_tokens, t_log = 0, time.time()
+log_loss = torch.zeros(n, device=ctx.device)  # per-head loss summed over the steps since the last log
+log_steps, log_tokens, t_log = 0, 0, time.time()
 while state["iter"] < max_iters:
-    it = state["iter"]
-    lr = tc.get_lr(it, config, max_iters)
+    lr = tc.get_lr(state["iter"], learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    # forward + backward over the micro-steps; gradients stay local until sync_gradients
-    for micro_step in range(gradient_accumulation_steps):
-        batch = next(batches)
+    # this step's micro-batches; a new epoch reshuffles
+    micro_batches = []
+    for _ in range(gradient_accumulation_steps):
+        batch = next(train_iter, None)
+        if batch is None:
+            state["epoch"], state["sampler_pos"] = state["epoch"] + 1, 0
+            train_sampler.set_epoch(state["epoch"])
+            train_iter = iter(train_loader)
+            batch = next(train_iter)
+        state["sampler_pos"] += len(batch["index"])
+        micro_batches.append(batch)
+    # each head's normaliser: its targets in the whole step, all micro-batches and ranks (one small
+    # all-reduce), so the gradient is the same however the rows are split; / world_size because
+    # sync_gradients averages the ranks' gradients
+    n_targets = sum(shift_to_heads(b["loss_mask"], n).sum(dim=(0, 1)) for b in micro_batches).to(ctx.device)  # (n,)
+    n_targets = ddp_utils.all_reduce_sum(n_targets).clamp(min=1) / ctx.world_size
+
+    # forward + backward of every micro-step; gradients stay local until sync_gradients
+    for batch in micro_batches:
         tokens = batch["input_ids"].to(ctx.device, non_blocking=True)  # (B, L)
-        weights = head_targets_mask(batch["loss_mask"].to(ctx.device, non_blocking=True), n)  # (B, L, n) uniform
+        targets = shift_to_heads(batch["loss_mask"].to(ctx.device, non_blocking=True), n)  # (B, L, n) 0/1
+
+        def head_loss(k, ce_k):  # uniform MTP CE: head k's CE summed over its targets (B, L) / the step's count
+            return (targets[..., k] * ce_k).sum() / n_targets[k]
+
         with autocast:
-            out = model.forward_backward(tokens, weights, loss_scale=1.0 / gradient_accumulation_steps,
-                                         naive=naive_backward, ce_chunk_size=ce_chunk_size)
-        log_sums += torch.stack([out["head_losses"] * out["head_counts"], out["head_counts"].float()])
+            log_loss += model.forward_backward(tokens, head_loss, naive=naive_backward, ce_chunk_size=ce_chunk_size)
         log_tokens += int(batch["lengths"].sum())
     ddp_utils.sync_gradients(params)  # average over ranks, once per optimizer step (fsdp: the replicated rest)
-    grad_norm, stepped = tc.optimizer_step(optimizer, params, grad_clip)
+    grad_norm, stepped = ddp_utils.optimizer_step(optimizer, params, grad_clip)
     state["iter"] += 1  # counts attempted steps, so a checkpoint's iter matches its data position
-    if tc.too_many_bad_steps(stepped, state, config, logger, ctx):
-        tc.save_run(model, optimizer, state, config, meta, "baseline", ctx, ("ckpt.pt",), uploader)
+    log_steps += 1
+    if tc.too_many_bad_steps(stepped, state, max_bad_steps, out_dir, logger, ctx):
+        save_all_ranks(("ckpt.pt",))
         tc.finish_run(logger, uploader, ctx)
         raise SystemExit(1)
 
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
-        ddp_utils.all_reduce_sum(log_sums)
+        ddp_utils.all_reduce_sum(log_loss)  # each rank holds its share of every step's loss
         tokens_all = ddp_utils.all_reduce_sum(torch.tensor([float(log_tokens)], device=ctx.device)).item()
         tokens_per_s = tokens_all / (time.time() - t_log)
-        head_loss = (log_sums[0] / log_sums[1].clamp(min=1)).tolist()
-        tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"], "train/loss": sum(head_loss) / n,
-                                "train/head_loss": head_loss, "lr": lr, "grad_norm": grad_norm.item(),
+        head_loss_avg = (log_loss / (log_steps * ctx.world_size)).tolist()  # mean over the steps logged
+        tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"], "train/loss": sum(head_loss_avg) / n,
+                                "train/head_loss": head_loss_avg, "lr": lr, "grad_norm": grad_norm.item(),
                                 "tokens_per_s": tokens_per_s, "mfu": tc.mfu(model, ctx, dtype, tokens_per_s, max_length),
-                                "mem_gb": tc.memory_gb(ctx)})
-        log_sums.zero_()
-        log_tokens, t_log = 0, time.time()
+                                "mem_gb": ddp_utils.memory_gb(ctx)})
+        log_loss.zero_()
+        log_steps, log_tokens, t_log = 0, 0, time.time()
 
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
-        metrics = {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast)}
+        metrics = {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast)}
         improved = tc.update_best(metrics, state)
         tc.report(logger, ctx, metrics)
-        tc.save_run(model, optimizer, state, config, meta, "baseline", ctx,
-                    ("ckpt.pt", "best.pt") if improved else ("ckpt.pt",), uploader)
+        save_all_ranks(("ckpt.pt", "best.pt") if improved else ("ckpt.pt",))
         t_log = time.time()  # evaluation time is not training throughput
 
-tc.save_run(model, None, state, config, meta, "baseline", ctx, ("final.pt",), uploader)
+save_all_ranks(("final.pt",), optimizer=None)  # weights only
 tc.finish_run(logger, uploader, ctx)

@@ -21,6 +21,8 @@ import torch
 
 import ddp_utils
 import train_common as tc
+from data.format import fail
+from evaluation import evaluate_all_ranks
 from weighting import value_loss, value_mask
 
 # -----------------------------------------------------------------------------
@@ -65,91 +67,120 @@ wandb_project = "wmtp"
 wandb_run_name = "critic"
 s3_uri = None
 s3_keep = 3
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+config = {k: globals()[k] for k in config_keys}  # the settings as given; saved in checkpoints and logs
 # -----------------------------------------------------------------------------
 
 try:
     ctx = ddp_utils.setup(device, fsdp)
 except ValueError as e:
-    tc.fail(e)
+    fail(e)
 tc.check_config(config, ctx)
 torch.manual_seed(seed + ctx.rank)
-autocast = tc.autocast_context(ctx, dtype)
+autocast = ddp_utils.autocast_context(ctx, dtype)
 
-meta, datasets, loaders = tc.build_data(config, ctx)
+meta, datasets, loaders = tc.build_data(data_dir, ctx, batch_size, max_length, overflow, seed, n_samples,
+                                        balance_correct, correct_ratio)
 train_loader, train_sampler = loaders["train"]
 val_loader, _ = loaders["val"]
 
-model, resume = tc.init_model(config, ctx, meta, value_head=True)  # a fresh value head unless init_from has one
+model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=True,  # a fresh value head unless init_from has one
+                              pad_vocab_multiple=pad_vocab_multiple)
 tc.set_trainable(model, trainable)
-tc.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
+ddp_utils.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
 params = [p for p in model.parameters() if p.requires_grad]  # after place_model: fsdp swaps in shards
 ddp_utils.broadcast_parameters(model)
 tc.maybe_compile(model, compile)
-optimizer = tc.configure_optimizer(params, config, ctx)
+optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), ctx.device_type)
 state = tc.restore_state(resume, optimizer, ctx, model)
 if max_iters is None:
     max_iters = n_epochs * math.ceil(len(train_loader) / gradient_accumulation_steps)
-logger, uploader = tc.start_run(config, ctx)
+config.update(max_iters=max_iters, lr_decay_iters=lr_decay_iters or max_iters)  # the derived values too
+logger, uploader = tc.start_run(out_dir, ctx, config, wandb_log, wandb_project, wandb_run_name, s3_uri, s3_keep)
+ddp_utils.barrier()  # out_dir exists before any rank goes on
 if ctx.master:
     print(f"critic: {sum(p.numel() for p in params) / 1e6:.3f}M trainable params, {len(datasets['train'])} train rows, "
           f"{max_iters} iters, {ctx.world_size} rank(s) on {ctx.device}")
 
+
+def save_all_ranks(names, optimizer=optimizer):
+    """The run checkpoint to out_dir/names (every rank calls this), then wait for it on every rank."""
+    tc.save_run_all_ranks(model, optimizer, state, config, meta, "critic", ctx, out_dir, names, uploader)
+    ddp_utils.barrier()
+
+
 if eval_only:
-    tc.report(logger, ctx, {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast, heads=False, value=True)})
+    metrics = evaluate_all_ranks(model, val_loader, ctx, autocast, heads=False, value=True)
+    tc.report(logger, ctx, {"iter": state["iter"], **metrics})
     tc.finish_run(logger, uploader, ctx)
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
 # training loop
-batches = tc.epoch_batches(train_loader, train_sampler, state)
+train_sampler.set_epoch(state["epoch"])  # this epoch's shuffle (the same on every rank) ...
+train_sampler.set_skip(state["sampler_pos"])  # ... minus what a resumed run already read of it
+train_iter = iter(train_loader)
 model.train()
-log_sums = torch.zeros(2, device=ctx.device)  # squared-error sum, value positions since the last log
-log_tokens, t_log = 0, time.time()
+log_loss = torch.zeros((), device=ctx.device)  # value MSE summed over the steps since the last log
+log_steps, log_tokens, t_log = 0, 0, time.time()
 while state["iter"] < max_iters:
-    lr = tc.get_lr(state["iter"], config, max_iters)
+    lr = tc.get_lr(state["iter"], learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    for micro_step in range(gradient_accumulation_steps):
-        batch = next(batches)
+    # this step's micro-batches; a new epoch reshuffles
+    micro_batches = []
+    for _ in range(gradient_accumulation_steps):
+        batch = next(train_iter, None)
+        if batch is None:
+            state["epoch"], state["sampler_pos"] = state["epoch"] + 1, 0
+            train_sampler.set_epoch(state["epoch"])
+            train_iter = iter(train_loader)
+            batch = next(train_iter)
+        state["sampler_pos"] += len(batch["index"])
+        micro_batches.append(batch)
+    # the normaliser: value positions in the whole step, all micro-batches and ranks (/ world_size:
+    # sync_gradients averages the ranks' gradients), so any split of the rows gives one gradient
+    n_value = sum(value_mask(b["loss_mask"]).sum() for b in micro_batches).to(ctx.device)
+    n_value = ddp_utils.all_reduce_sum(n_value).clamp(min=1) / ctx.world_size
+
+    for batch in micro_batches:
         tokens = batch["input_ids"].to(ctx.device, non_blocking=True)  # (B, L)
         loss_mask = batch["loss_mask"].to(ctx.device, non_blocking=True)  # (B, L)
         reward = batch["reward"].to(ctx.device, non_blocking=True)  # (B,)
-        vmask = value_mask(loss_mask)  # (B, L) last prompt position + completion
         with autocast:
             h_trunk = model.trunk_forward(tokens)  # (B, L, dim); no graph when the trunk is frozen
         values = model.value(h_trunk)  # (B, L) fp32
-        loss = value_loss(values, reward, vmask)
-        (loss / gradient_accumulation_steps).backward()
-        log_sums += torch.stack([loss.detach() * vmask.sum(), vmask.sum()])
+        loss = value_loss(values, reward, value_mask(loss_mask), count=n_value)  # MSE over the step's value positions
+        loss.backward()
+        log_loss += loss.detach()
         log_tokens += int(batch["lengths"].sum())
     ddp_utils.sync_gradients(params)
-    grad_norm, stepped = tc.optimizer_step(optimizer, params, grad_clip)
+    grad_norm, stepped = ddp_utils.optimizer_step(optimizer, params, grad_clip)
     state["iter"] += 1  # counts attempted steps, so a checkpoint's iter matches its data position
-    if tc.too_many_bad_steps(stepped, state, config, logger, ctx):
-        tc.save_run(model, optimizer, state, config, meta, "critic", ctx, ("ckpt.pt",), uploader)
+    log_steps += 1
+    if tc.too_many_bad_steps(stepped, state, max_bad_steps, out_dir, logger, ctx):
+        save_all_ranks(("ckpt.pt",))
         tc.finish_run(logger, uploader, ctx)
         raise SystemExit(1)
 
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
-        ddp_utils.all_reduce_sum(log_sums)
+        ddp_utils.all_reduce_sum(log_loss)  # each rank holds its share of every step's loss
         tokens_all = ddp_utils.all_reduce_sum(torch.tensor([float(log_tokens)], device=ctx.device)).item()
         tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"],
-                                "train/value_mse": (log_sums[0] / log_sums[1].clamp(min=1)).item(), "lr": lr,
+                                "train/value_mse": (log_loss / (log_steps * ctx.world_size)).item(), "lr": lr,
                                 "grad_norm": grad_norm.item(), "tokens_per_s": tokens_all / (time.time() - t_log),
-                                "mem_gb": tc.memory_gb(ctx)})
-        log_sums.zero_()
-        log_tokens, t_log = 0, time.time()
+                                "mem_gb": ddp_utils.memory_gb(ctx)})
+        log_loss.zero_()
+        log_steps, log_tokens, t_log = 0, 0, time.time()
 
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
-        metrics = {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast, heads=False, value=True)}
+        metrics = {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast, heads=False, value=True)}
         improved = tc.update_best(metrics, state)  # val/loss = value MSE here
         tc.report(logger, ctx, metrics)
-        tc.save_run(model, optimizer, state, config, meta, "critic", ctx,
-                    ("ckpt.pt", "best.pt") if improved else ("ckpt.pt",), uploader)
+        save_all_ranks(("ckpt.pt", "best.pt") if improved else ("ckpt.pt",))
         t_log = time.time()
 
-tc.save_run(model, None, state, config, meta, "critic", ctx, ("final.pt",), uploader)
+save_all_ranks(("final.pt",), optimizer=None)  # weights only
 tc.finish_run(logger, uploader, ctx)

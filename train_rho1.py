@@ -3,8 +3,9 @@ Stage 3 (Rho-1): selective multi-token prediction against a frozen reference mod
 
 excess[b,t,k] = ce_policy[b,t,k] - ce_reference[b,t,k]: targets the reference already predicts
 well but the policy does not are the ones worth learning. Head 0 trains on every target; each
-head k >= 1 trains only on the top k_percent of its valid targets in the batch by excess loss.
-Loss per head = sum(w * ce) / sum(w), averaged over heads.
+head k >= 1 trains only on the top k_percent of its valid targets by excess loss, selected in
+each micro-batch (selection_scope='micro_batch') or over the whole optimizer step on every rank
+('step'). Loss per head = sum(w * ce) / sum(w) over the step, averaged over heads.
 
 The reference (a checkpoint of any stage, or a Meta directory) is frozen: eval(), no gradients,
 never wrapped or synced. It never changes, so its per-token losses are computed once per sample
@@ -16,17 +17,19 @@ DDP:
     torchrun --standalone --nproc_per_node=4 train_rho1.py config/mtp7b_rho1.py
 """
 
-import functools
 import math
 import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 import ddp_utils
 import train_common as tc
+from data.format import fail
+from evaluation import evaluate_all_ranks
 from model import Transformer
-from weighting import head_targets_mask, rho1_head_weights
+from weighting import compute_mtp_selective_weights, n_selected, select_top_k, shift_to_heads
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value)
@@ -47,6 +50,9 @@ overflow = "truncate"
 # selection
 k_percent = 0.6  # fraction of each head k >= 1's valid targets trained on, by largest excess loss
 ref_cache = True  # cache the reference's per-token losses per sample (CPU, float32: 4*n bytes per token)
+selection_scope = "micro_batch"  # where the top k_percent is taken: 'micro_batch' | 'step' (all micro-batches
+#   of the step on every rank: one extra no-grad policy forward per micro-batch; then any split of the rows
+#   gives the same gradient)
 # training
 trainable = "all"  # 'all' | 'heads'
 batch_size = 32
@@ -76,69 +82,79 @@ wandb_project = "wmtp"
 wandb_run_name = "rho1"
 s3_uri = None
 s3_keep = 3
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+config = {k: globals()[k] for k in config_keys}  # the settings as given; saved in checkpoints and logs
 # -----------------------------------------------------------------------------
 
 try:
     ctx = ddp_utils.setup(device, fsdp)
 except ValueError as e:
-    tc.fail(e)
+    fail(e)
 tc.check_config(config, ctx)
 if not 0 < k_percent <= 1:
-    tc.fail(f"k_percent must be in (0, 1], got {k_percent}")
+    fail(f"k_percent must be in (0, 1], got {k_percent}")
+if selection_scope not in ("micro_batch", "step"):
+    fail(f"selection_scope {selection_scope!r}: use 'micro_batch' or 'step'")
 torch.manual_seed(seed + ctx.rank)
-autocast = tc.autocast_context(ctx, dtype)
+autocast = ddp_utils.autocast_context(ctx, dtype)
 
-meta, datasets, loaders = tc.build_data(config, ctx)
+meta, datasets, loaders = tc.build_data(data_dir, ctx, batch_size, max_length, overflow, seed, n_samples,
+                                        balance_correct, correct_ratio)
 train_loader, train_sampler = loaders["train"]
 val_loader, _ = loaders["val"]
 
-model, resume = tc.init_model(config, ctx, meta, value_head=False)
+model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=False, pad_vocab_multiple=pad_vocab_multiple)
 n = model.n_future_tokens
 tc.set_trainable(model, trainable)
-tc.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
+ddp_utils.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
 params = [p for p in model.parameters() if p.requires_grad]  # after place_model: fsdp swaps in shards
 ddp_utils.broadcast_parameters(model)
 tc.maybe_compile(model, compile)
-optimizer = tc.configure_optimizer(params, config, ctx)
+optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), ctx.device_type)
 state = tc.restore_state(resume, optimizer, ctx, model)
 
 # the frozen reference: its own copy on every rank, in the compute dtype, outside any sync; never
 # sharded, also with fsdp (inference only: 2 bytes/param in bf16, 13.5 GB for 7B; ref_cache runs it once per row)
 try:
-    ref_model = Transformer.load(ref_init_from, device=ctx.device, dtype=tc.PTDTYPE[dtype], value_head=False)
+    ref_model = Transformer.load(ref_init_from, device=ctx.device, dtype=ddp_utils.PTDTYPE[dtype], value_head=False)
 except (FileNotFoundError, ValueError) as e:
-    tc.fail(f"ref_init_from={ref_init_from!r}: {e}")
+    fail(f"ref_init_from={ref_init_from!r}: {e}")
 if ref_model.args.vocab_size != model.args.vocab_size or ref_model.n_future_tokens != n:
-    tc.fail(f"reference {ref_init_from} has vocab {ref_model.args.vocab_size} and {ref_model.n_future_tokens} heads; "
-            f"the policy has vocab {model.args.vocab_size} and {n} heads (they must match)")
+    fail(f"reference {ref_init_from} has vocab {ref_model.args.vocab_size} and {ref_model.n_future_tokens} heads; "
+         f"the policy has vocab {model.args.vocab_size} and {n} heads (they must match)")
 ref_model.pad_vocab(pad_vocab_multiple).eval().requires_grad_(False)
 cache = {}  # dataset row index -> (length, n) reference CE, float32 on the CPU
 
 if max_iters is None:
     max_iters = n_epochs * math.ceil(len(train_loader) / gradient_accumulation_steps)
-logger, uploader = tc.start_run(config, ctx)
+config.update(max_iters=max_iters, lr_decay_iters=lr_decay_iters or max_iters)  # the derived values too
+logger, uploader = tc.start_run(out_dir, ctx, config, wandb_log, wandb_project, wandb_run_name, s3_uri, s3_keep)
+ddp_utils.barrier()  # out_dir exists before any rank goes on
 if ctx.master:
     print(f"rho1: {model.num_params() / 1e6:.2f}M params ({sum(p.numel() for p in params) / 1e6:.2f}M trainable), "
           f"{n} heads, k_percent={k_percent}, reference {ref_init_from}, {len(datasets['train'])} train rows, "
           f"{max_iters} iters, {ctx.world_size} rank(s) on {ctx.device}")
 
 
+def save_all_ranks(names, optimizer=optimizer):
+    """The run checkpoint to out_dir/names (every rank calls this), then wait for it on every rank."""
+    tc.save_run_all_ranks(model, optimizer, state, config, meta, "rho1", ctx, out_dir, names, uploader)
+    ddp_utils.barrier()
+
+
 @torch.no_grad()
-def reference_ce(batch, tokens):
+def reference_ce(batch):
     """ce_reference (B, L, n) of this batch: from the cache when every row is in it, else one
     reference forward (one head's logits at a time), whose rows are then cached."""
     rows, lengths = batch["index"].tolist(), batch["lengths"].tolist()
     if ref_cache and all(r in cache for r in rows):
-        out = torch.zeros(tokens.shape[0], tokens.shape[1], n)
+        out = torch.zeros(*batch["input_ids"].shape, n)
         for b, r in enumerate(rows):
             out[b, : lengths[b]] = cache[r]
         return out.to(ctx.device, non_blocking=True)
     with autocast:
-        h = ref_model.trunk_forward(tokens)
-        ce = torch.stack([ref_model.head_cross_entropy(ref_model.head_forward(h, k), tokens, k, ce_chunk_size)
-                          for k in range(n)], dim=-1)  # (B, L, n)
+        ce = ref_model.head_cross_entropies(batch["input_ids"].to(ctx.device), ce_chunk_size)  # (B, L, n)
     if ref_cache:
         ce_cpu = ce.float().cpu()
         for b, r in enumerate(rows):
@@ -146,66 +162,110 @@ def reference_ce(batch, tokens):
     return ce.float()
 
 
+@torch.no_grad()
+def step_selection(micro_batches, ref_ces):
+    """selection_scope='step': every micro-batch's 0/1 weights (B, L, n) from one no-grad pass of the
+    policy, the top k_percent of each head's targets taken over the whole step on every rank (rows
+    padded to max_length and gathered: the same selection as one process with all the rows)."""
+    excess, targets = [], []
+    for b, ref_ce in zip(micro_batches, ref_ces):
+        with autocast:
+            ce = model.head_cross_entropies(b["input_ids"].to(ctx.device), ce_chunk_size)  # (B, L, n)
+        pad = (0, 0, 0, max_length - ce.shape[1])
+        excess.append(F.pad(ce - ref_ce, pad))
+        targets.append(F.pad(shift_to_heads(b["loss_mask"].to(ctx.device), n), pad))
+    mine = torch.cat(excess)  # (rows of this rank's step, max_length, n)
+    w = compute_mtp_selective_weights(ddp_utils.all_gather(mine), ddp_utils.all_gather(torch.cat(targets)), k_percent)
+    w = w[ctx.rank * len(mine):(ctx.rank + 1) * len(mine)]  # this rank's rows (every rank has as many)
+    return [wi[:, :b["input_ids"].shape[1]] for wi, b in zip(w.split([len(b["index"]) for b in micro_batches]),
+                                                           micro_batches)]
+
+
 if eval_only:
-    tc.report(logger, ctx, {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast)})
+    tc.report(logger, ctx, {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast)})
     tc.finish_run(logger, uploader, ctx)
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
 # training loop
-batches = tc.epoch_batches(train_loader, train_sampler, state)
+train_sampler.set_epoch(state["epoch"])  # this epoch's shuffle (the same on every rank) ...
+train_sampler.set_skip(state["sampler_pos"])  # ... minus what a resumed run already read of it
+train_iter = iter(train_loader)
 model.train()
-log_sums = torch.zeros(3, n, device=ctx.device)  # selected CE sum, selected count, valid count per head
-log_tokens, t_log = 0, time.time()
+log_loss = torch.zeros(2, n, device=ctx.device)  # per-head loss, selected fraction; summed over steps
+log_steps, log_tokens, t_log = 0, 0, time.time()
 while state["iter"] < max_iters:
-    lr = tc.get_lr(state["iter"], config, max_iters)
+    lr = tc.get_lr(state["iter"], learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    for micro_step in range(gradient_accumulation_steps):
-        batch = next(batches)
-        tokens = batch["input_ids"].to(ctx.device, non_blocking=True)  # (B, L)
-        targets = head_targets_mask(batch["loss_mask"].to(ctx.device, non_blocking=True), n)  # (B, L, n)
-        ref_ce = reference_ce(batch, tokens)  # (B, L, n)
+    # this step's micro-batches; a new epoch reshuffles
+    micro_batches = []
+    for _ in range(gradient_accumulation_steps):
+        batch = next(train_iter, None)
+        if batch is None:
+            state["epoch"], state["sampler_pos"] = state["epoch"] + 1, 0
+            train_sampler.set_epoch(state["epoch"])
+            train_iter = iter(train_loader)
+            batch = next(train_iter)
+        state["sampler_pos"] += len(batch["index"])
+        micro_batches.append(batch)
+    # normalisers over the whole step, all micro-batches and ranks (one small all-reduce): each head's
+    # targets, and how many of them its selection keeps (ceil(k_percent * n) per population: known from
+    # the masks); / world_size because sync_gradients averages the ranks' gradients
+    n_valid = torch.stack([shift_to_heads(b["loss_mask"], n).sum(dim=(0, 1)) for b in micro_batches])  # (M, n)
+    counts = ddp_utils.all_reduce_sum(torch.cat([n_valid.sum(0), n_selected(n_valid, k_percent).sum(0)]).to(ctx.device))
+    n_keep = n_selected(counts[:n], k_percent) if selection_scope == "step" else counts[n:]  # heads >= 1
+    n_keep[0] = counts[0]  # head 0 keeps every target
+    n_norm = n_keep.clamp(min=1) / ctx.world_size  # (n,)
+    ref_ces = [reference_ce(b) for b in micro_batches]  # (B, L, n) each
+    selected = step_selection(micro_batches, ref_ces) if selection_scope == "step" else None
 
-        # head k's 0/1 weights from its own detached CE: head 0 all targets, heads k >= 1 the top
-        # k_percent by excess loss ce_k - ref_ce[..., k]
-        rho1_weights = functools.partial(rho1_head_weights, targets=targets, ref_ce=ref_ce, k_percent=k_percent)
+    for i, batch in enumerate(micro_batches):
+        tokens = batch["input_ids"].to(ctx.device, non_blocking=True)  # (B, L)
+        targets = shift_to_heads(batch["loss_mask"].to(ctx.device, non_blocking=True), n)  # (B, L, n) 0/1
+
+        def head_loss(k, ce_k):  # head 0: every target; head k >= 1: the top k_percent by excess loss
+            if k == 0:
+                w_k = targets[..., 0]
+            else:
+                w_k = selected[i][..., k] if selected is not None else select_top_k(ce_k.detach() - ref_ces[i][..., k],
+                                                                        targets[..., k], k_percent)
+            return (w_k * ce_k).sum() / n_norm[k]
+
         with autocast:
-            out = model.forward_backward(tokens, rho1_weights, loss_scale=1.0 / gradient_accumulation_steps,
-                                         naive=naive_backward, ce_chunk_size=ce_chunk_size)
-        log_sums += torch.stack([out["head_losses"] * out["head_counts"], out["head_counts"].float(),
-                                 targets.sum(dim=(0, 1)).float()])
+            log_loss[0] += model.forward_backward(tokens, head_loss, naive=naive_backward, ce_chunk_size=ce_chunk_size)
         log_tokens += int(batch["lengths"].sum())
+    log_loss[1] += n_keep / counts[:n].clamp(min=1)  # the fraction each head trained on (all ranks)
     ddp_utils.sync_gradients(params)
-    grad_norm, stepped = tc.optimizer_step(optimizer, params, grad_clip)
+    grad_norm, stepped = ddp_utils.optimizer_step(optimizer, params, grad_clip)
     state["iter"] += 1  # counts attempted steps, so a checkpoint's iter matches its data position
-    if tc.too_many_bad_steps(stepped, state, config, logger, ctx):
-        tc.save_run(model, optimizer, state, config, meta, "rho1", ctx, ("ckpt.pt",), uploader)
+    log_steps += 1
+    if tc.too_many_bad_steps(stepped, state, max_bad_steps, out_dir, logger, ctx):
+        save_all_ranks(("ckpt.pt",))
         tc.finish_run(logger, uploader, ctx)
         raise SystemExit(1)
 
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
-        ddp_utils.all_reduce_sum(log_sums)
+        ddp_utils.all_reduce_sum(log_loss[0])  # each rank holds its share of every step's loss
         tokens_all = ddp_utils.all_reduce_sum(torch.tensor([float(log_tokens)], device=ctx.device)).item()
         tokens_per_s = tokens_all / (time.time() - t_log)
-        head_loss = (log_sums[0] / log_sums[1].clamp(min=1)).tolist()
-        tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"], "train/loss": sum(head_loss) / n,
-                                "train/head_loss": head_loss,
-                                "rho1/selected_frac": (log_sums[1] / log_sums[2].clamp(min=1)).tolist(),
+        head_loss_avg = (log_loss[0] / (log_steps * ctx.world_size)).tolist()  # mean over the steps logged
+        tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"], "train/loss": sum(head_loss_avg) / n,
+                                "train/head_loss": head_loss_avg,
+                                "rho1/selected_frac": (log_loss[1] / log_steps).tolist(),
                                 "rho1/cached_rows": len(cache), "lr": lr, "grad_norm": grad_norm.item(),
                                 "tokens_per_s": tokens_per_s, "mfu": tc.mfu(model, ctx, dtype, tokens_per_s, max_length),
-                                "mem_gb": tc.memory_gb(ctx)})
-        log_sums.zero_()
-        log_tokens, t_log = 0, time.time()
+                                "mem_gb": ddp_utils.memory_gb(ctx)})
+        log_loss.zero_()
+        log_steps, log_tokens, t_log = 0, 0, time.time()
 
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
-        metrics = {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast)}
+        metrics = {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast)}
         improved = tc.update_best(metrics, state)
         tc.report(logger, ctx, metrics)
-        tc.save_run(model, optimizer, state, config, meta, "rho1", ctx,
-                    ("ckpt.pt", "best.pt") if improved else ("ckpt.pt",), uploader)
+        save_all_ranks(("ckpt.pt", "best.pt") if improved else ("ckpt.pt",))
         t_log = time.time()
 
-tc.save_run(model, None, state, config, meta, "rho1", ctx, ("final.pt",), uploader)
+save_all_ranks(("final.pt",), optimizer=None)  # weights only
 tc.finish_run(logger, uploader, ctx)

@@ -23,9 +23,12 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 import ddp_utils
 import train_common as tc
+from data.format import fail
+from evaluation import evaluate_all_ranks
 from weighting import (build_weights, compute_td_errors, random_like_weights, shift_to_heads, shuffle_within_rows,
                        value_loss, value_mask, weight_stats)
 
@@ -50,8 +53,11 @@ gamma = 1.0  # TD discount
 beta = 0.9  # temperature of exp(delta / beta)
 clip_min = 0.1
 clip_max = 5.0
-whiten = False  # whiten the TD errors over the batch's completion tokens first
-normalize = True  # mean weight 1 over the batch's completion tokens
+whiten = False  # whiten the TD errors over the population's completion tokens first
+normalize = True  # mean weight 1 over the population's completion tokens
+weight_scope = "micro_batch"  # the population of whiten/normalize (and of 'random'): 'micro_batch' (each
+#   micro-batch on its own) | 'step' (all micro-batches of the step on every rank: one extra no-grad trunk
+#   forward per micro-batch; then any split of the rows gives the same gradient)
 value_coef = 0.5  # weight of the value MSE in the total loss
 # training
 trainable = "all"  # 'all' | 'heads+value_head' (trunk frozen, the 7B setting)
@@ -82,49 +88,61 @@ wandb_project = "wmtp"
 wandb_run_name = "verifiable"
 s3_uri = None
 s3_keep = 3
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+config = {k: globals()[k] for k in config_keys}  # the settings as given; saved in checkpoints and logs
 # -----------------------------------------------------------------------------
 
 try:
     ctx = ddp_utils.setup(device, fsdp)
 except ValueError as e:
-    tc.fail(e)
+    fail(e)
 tc.check_config(config, ctx)
 if weight_mode not in ("td", "uniform", "random", "shuffled"):
-    tc.fail(f"weight_mode {weight_mode!r}: use 'td', 'uniform', 'random' or 'shuffled'")
+    fail(f"weight_mode {weight_mode!r}: use 'td', 'uniform', 'random' or 'shuffled'")
+if weight_scope not in ("micro_batch", "step"):
+    fail(f"weight_scope {weight_scope!r}: use 'micro_batch' or 'step'")
 torch.manual_seed(seed + ctx.rank)
-autocast = tc.autocast_context(ctx, dtype)
+autocast = ddp_utils.autocast_context(ctx, dtype)
 
-meta, datasets, loaders = tc.build_data(config, ctx)
+meta, datasets, loaders = tc.build_data(data_dir, ctx, batch_size, max_length, overflow, seed, n_samples,
+                                        balance_correct, correct_ratio)
 train_loader, train_sampler = loaders["train"]
 val_loader, _ = loaders["val"]
 
-model, resume = tc.init_model(config, ctx, meta, value_head=True)
+model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=True, pad_vocab_multiple=pad_vocab_multiple)
 n = model.n_future_tokens
 tc.set_trainable(model, trainable)
-tc.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
+ddp_utils.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
 params = [p for p in model.parameters() if p.requires_grad]  # after place_model: fsdp swaps in shards
 ddp_utils.broadcast_parameters(model)
 tc.maybe_compile(model, compile)
-optimizer = tc.configure_optimizer(params, config, ctx)
+optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), ctx.device_type)
 state = tc.restore_state(resume, optimizer, ctx, model)
 if max_iters is None:
     max_iters = n_epochs * math.ceil(len(train_loader) / gradient_accumulation_steps)
-logger, uploader = tc.start_run(config, ctx)
+config.update(max_iters=max_iters, lr_decay_iters=lr_decay_iters or max_iters)  # the derived values too
+logger, uploader = tc.start_run(out_dir, ctx, config, wandb_log, wandb_project, wandb_run_name, s3_uri, s3_keep)
+ddp_utils.barrier()  # out_dir exists before any rank goes on
 if ctx.master:
     print(f"verifiable ({weight_mode}): {model.num_params() / 1e6:.2f}M params "
           f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable), {n} heads, {len(datasets['train'])} train rows, "
           f"{max_iters} iters, {ctx.world_size} rank(s) on {ctx.device}")
 
 
-def token_weights(values, reward, loss_mask):
-    """Per-token weights (B, L) for this batch, from the detached values and the weight_mode.
-    Also returns the TD errors (for the clip statistics)."""
+def save_all_ranks(names, optimizer=optimizer):
+    """The run checkpoint to out_dir/names (every rank calls this), then wait for it on every rank."""
+    tc.save_run_all_ranks(model, optimizer, state, config, meta, "verifiable", ctx, out_dir, names, uploader)
+    ddp_utils.barrier()
+
+
+def token_weights(values, reward, loss_mask, reduce=None):
+    """Per-token weights (B, L) from the detached values and the weight_mode, with the TD errors
+    (for the clip statistics). reduce=ddp_utils.all_reduce_sum whitens/normalises over every rank."""
     td = compute_td_errors(values.detach(), reward, loss_mask, gamma)  # (B, L)
     if weight_mode == "uniform":
         return loss_mask.float(), td
-    w = build_weights(td, loss_mask, beta, clip_min, clip_max, whiten, normalize)  # (B, L)
+    w = build_weights(td, loss_mask, beta, clip_min, clip_max, whiten, normalize, reduce)  # (B, L)
     # the controls draw from the global RNG of the device, which checkpoints save and restore
     if weight_mode == "random":
         w = random_like_weights(w, loss_mask, None)
@@ -133,74 +151,111 @@ def token_weights(values, reward, loss_mask):
     return w, td
 
 
+@torch.no_grad()
+def step_token_weights(micro_batches):
+    """weight_scope='step': every micro-batch's (weights, TD errors) from one no-grad pass of the
+    trunk and value head, the step's rows padded to one length and weighted as one population over
+    all ranks. The values are those the training forward computes (same weights, same rows)."""
+    L = max(b["input_ids"].shape[1] for b in micro_batches)
+    values, masks = [], []
+    for b in micro_batches:
+        with autocast:
+            values.append(model.value(model.trunk_forward(b["input_ids"].to(ctx.device))))  # (B, l) fp32
+        masks.append(b["loss_mask"].to(ctx.device))
+    pad = [(0, L - m.shape[1]) for m in masks]
+    w, td = token_weights(torch.cat([F.pad(v, p) for v, p in zip(values, pad)]),
+                          torch.cat([b["reward"] for b in micro_batches]).to(ctx.device),
+                          torch.cat([F.pad(m, p) for m, p in zip(masks, pad)]), reduce=ddp_utils.all_reduce_sum)
+    rows = [len(m) for m in masks]
+    return [(wi[:, :m.shape[1]], ti[:, :m.shape[1]]) for wi, ti, m in zip(w.split(rows), td.split(rows), masks)]
+
+
 if eval_only:
-    tc.report(logger, ctx, {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast, value=True)})
+    tc.report(logger, ctx, {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast, value=True)})
     tc.finish_run(logger, uploader, ctx)
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
 # training loop
-batches = tc.epoch_batches(train_loader, train_sampler, state)
+train_sampler.set_epoch(state["epoch"])  # this epoch's shuffle (the same on every rank) ...
+train_sampler.set_skip(state["sampler_pos"])  # ... minus what a resumed run already read of it
+train_iter = iter(train_loader)
 model.train()
-log_sums = torch.zeros(2, n, device=ctx.device)  # weighted CE sum, target count per head
-log_value = torch.zeros(2, device=ctx.device)  # value squared-error sum, value positions
-log_tokens, t_log = 0, time.time()
+log_loss = torch.zeros(n + 1, device=ctx.device)  # per-head weighted CE and the value MSE, summed over steps
+log_steps, log_tokens, t_log = 0, 0, time.time()
 while state["iter"] < max_iters:
-    lr = tc.get_lr(state["iter"], config, max_iters)
+    lr = tc.get_lr(state["iter"], learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    log_now = (state["iter"] + 1) % log_interval == 0 or state["iter"] + 1 == max_iters
+    log_now = state["iter"] + 1 == max_iters or (state["iter"] + 1) % log_interval == 0
 
-    for micro_step in range(gradient_accumulation_steps):
-        batch = next(batches)
+    # this step's micro-batches; a new epoch reshuffles
+    micro_batches = []
+    for _ in range(gradient_accumulation_steps):
+        batch = next(train_iter, None)
+        if batch is None:
+            state["epoch"], state["sampler_pos"] = state["epoch"] + 1, 0
+            train_sampler.set_epoch(state["epoch"])
+            train_iter = iter(train_loader)
+            batch = next(train_iter)
+        state["sampler_pos"] += len(batch["index"])
+        micro_batches.append(batch)
+    # normalisers over the whole step, all micro-batches and ranks (one small all-reduce; / world_size
+    # because sync_gradients averages the ranks' gradients): each head's targets, the value positions
+    counts = torch.cat([sum(shift_to_heads(b["loss_mask"], n).sum(dim=(0, 1)) for b in micro_batches),
+                        sum(value_mask(b["loss_mask"]).sum() for b in micro_batches)[None]]).to(ctx.device)
+    counts = ddp_utils.all_reduce_sum(counts).clamp(min=1) / ctx.world_size
+    n_targets, n_value = counts[:n], counts[n]  # (n,), ()
+    step_weights = step_token_weights(micro_batches) if weight_scope == "step" else None
+
+    for i, batch in enumerate(micro_batches):
         tokens = batch["input_ids"].to(ctx.device, non_blocking=True)  # (B, L)
         loss_mask = batch["loss_mask"].to(ctx.device, non_blocking=True)  # (B, L)
         reward = batch["reward"].to(ctx.device, non_blocking=True)  # (B,)
-        vmask = value_mask(loss_mask)
         with autocast:
             h_trunk = model.trunk_forward(tokens)  # (B, L, dim)
             values = model.value(h_trunk)  # (B, L) fp32
-            w_tok, td = token_weights(values, reward, loss_mask)  # (B, L), detached
-            v_loss = value_loss(values, reward, vmask)
-            out = model.forward_backward(tokens, shift_to_heads(w_tok, n), h_trunk=h_trunk,
-                                         extra_loss=value_coef * v_loss, loss_scale=1.0 / gradient_accumulation_steps,
-                                         naive=naive_backward, ce_chunk_size=ce_chunk_size)
-        log_sums += torch.stack([out["head_losses"] * out["head_counts"], out["head_counts"].float()])
-        log_value += torch.stack([v_loss.detach() * vmask.sum(), vmask.sum()])
+            w_tok, td = token_weights(values, reward, loss_mask) if step_weights is None else step_weights[i]
+            w_heads = shift_to_heads(w_tok, n)  # (B, L, n): head k at t takes the weight of its target t+k+1
+
+            def head_loss(k, ce_k):  # TD-weighted CE of head k (B, L), over the step's target count
+                return (w_heads[..., k] * ce_k).sum() / n_targets[k]
+
+            v_loss = value_loss(values, reward, value_mask(loss_mask), count=n_value)  # MSE over the step
+            log_loss[:n] += model.forward_backward(tokens, head_loss, h_trunk=h_trunk, extra_loss=value_coef * v_loss,
+                                                   naive=naive_backward, ce_chunk_size=ce_chunk_size)
+        log_loss[n] += v_loss.detach()
         log_tokens += int(batch["lengths"].sum())
     ddp_utils.sync_gradients(params)
-    grad_norm, stepped = tc.optimizer_step(optimizer, params, grad_clip)
+    grad_norm, stepped = ddp_utils.optimizer_step(optimizer, params, grad_clip)
     state["iter"] += 1  # counts attempted steps, so a checkpoint's iter matches its data position
-    if tc.too_many_bad_steps(stepped, state, config, logger, ctx):
-        tc.save_run(model, optimizer, state, config, meta, "verifiable", ctx, ("ckpt.pt",), uploader)
+    log_steps += 1
+    if tc.too_many_bad_steps(stepped, state, max_bad_steps, out_dir, logger, ctx):
+        save_all_ranks(("ckpt.pt",))
         tc.finish_run(logger, uploader, ctx)
         raise SystemExit(1)
 
     if log_now:
-        ddp_utils.all_reduce_sum(log_sums)
-        ddp_utils.all_reduce_sum(log_value)
+        ddp_utils.all_reduce_sum(log_loss)  # each rank holds its share of every step's loss
         tokens_all = ddp_utils.all_reduce_sum(torch.tensor([float(log_tokens)], device=ctx.device)).item()
         tokens_per_s = tokens_all / (time.time() - t_log)
-        head_loss = (log_sums[0] / log_sums[1].clamp(min=1)).tolist()
+        losses = (log_loss / (log_steps * ctx.world_size)).tolist()  # means over the steps logged
         stats = weight_stats(w_tok, loss_mask, td if weight_mode == "td" else None, beta, clip_min, clip_max, whiten)
-        tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"], "train/loss": sum(head_loss) / n,
-                                "train/head_loss": head_loss,
-                                "train/value_mse": (log_value[0] / log_value[1].clamp(min=1)).item(),
+        tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"], "train/loss": sum(losses[:n]) / n,
+                                "train/head_loss": losses[:n], "train/value_mse": losses[n],
                                 **{f"weights/{k}": v for k, v in stats.items()},  # last micro-batch of this rank
                                 "lr": lr, "grad_norm": grad_norm.item(),
                                 "tokens_per_s": tokens_per_s, "mfu": tc.mfu(model, ctx, dtype, tokens_per_s, max_length),
-                                "mem_gb": tc.memory_gb(ctx)})
-        log_sums.zero_()
-        log_value.zero_()
-        log_tokens, t_log = 0, time.time()
+                                "mem_gb": ddp_utils.memory_gb(ctx)})
+        log_loss.zero_()
+        log_steps, log_tokens, t_log = 0, 0, time.time()
 
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
-        metrics = {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast, value=True)}
+        metrics = {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast, value=True)}
         improved = tc.update_best(metrics, state)  # val/loss = uniform MTP CE, comparable across stages
         tc.report(logger, ctx, metrics)
-        tc.save_run(model, optimizer, state, config, meta, "verifiable", ctx,
-                    ("ckpt.pt", "best.pt") if improved else ("ckpt.pt",), uploader)
+        save_all_ranks(("ckpt.pt", "best.pt") if improved else ("ckpt.pt",))
         t_log = time.time()
 
-tc.save_run(model, None, state, config, meta, "verifiable", ctx, ("final.pt",), uploader)
+save_all_ranks(("final.pt",), optimizer=None)  # weights only
 tc.finish_run(logger, uploader, ctx)

@@ -1,7 +1,7 @@
 """
 Token weights for the weighted MTP losses, plus the small losses and metrics around them.
 
-Notation (see SPEC.md, "The four stages"):
+Notation (README, "The four stages"):
   mask[b,t]  1 where token t is a completion token (contiguous per row, may be empty)
   R[b]       reward: 1.0 for a correct sample, 0.0 otherwise
   V[b,t]     value head's estimate of R after reading tokens 0..t
@@ -9,9 +9,10 @@ Notation (see SPEC.md, "The four stages"):
 
 Stage 2 (verifiable): TD errors of the value head -> exp(delta / beta) weights per token.
 Stage 3 (rho-1): top-k% excess-loss selection per MTP head.
-Everything is vectorized torch and computed in float32. All batch-level statistics (whitening,
-normalization, top-k selection) are over the batch handed in, i.e. one micro-batch on one rank;
-they are not all-reduced across DDP ranks.
+Everything is vectorized torch and computed in float32. Batch-level statistics (whitening,
+normalization, top-k selection) are over the tensor handed in; build_weights' `reduce` extends
+its sums to other ranks. The training scripts choose the population (`weight_scope`,
+`selection_scope`): one micro-batch, or the whole optimizer step on all ranks.
 """
 import math
 
@@ -48,13 +49,23 @@ def compute_td_errors(values, rewards, mask, gamma=1.0):
     return torch.where(m, target - V_prev, torch.zeros_like(V))
 
 
-def _whiten(a, m, eps=1e-8):
-    """(a - mean) / (std + eps) over the valid tokens; population std (divide by n), so a
-    single valid token gives 0 instead of NaN."""
-    n = m.sum().clamp_min(1)
-    mean = torch.where(m, a, 0.0).sum() / n
-    var = torch.where(m, (a - mean) ** 2, 0.0).sum() / n
-    return (a - mean) / (var.sqrt() + eps)
+def _population_sums(x, m, reduce):
+    """(sum of x, sum of x^2, count) over the valid entries, summed over the population by `reduce`
+    (None: this tensor only; e.g. ddp_utils.all_reduce_sum: every rank's too). float64 sums, so the
+    result does not depend on how the population is split."""
+    x = torch.where(m, x, 0.0).double()
+    sums = torch.stack([x.sum(), (x * x).sum(), m.sum().double()])
+    return reduce(sums) if reduce is not None else sums
+
+
+def _whiten(a, m, reduce=None, eps=1e-8):
+    """(a - mean) / (std + eps) over the valid tokens of the population; population std (divide
+    by n), so a single valid token gives 0 instead of NaN."""
+    total, total_sq, n = _population_sums(a, m, reduce)
+    n = n.clamp_min(1)
+    mean = total / n
+    var = (total_sq / n - mean * mean).clamp_min(0)
+    return ((a - mean) / (var.sqrt() + eps)).float()
 
 
 def _log_bounds(clip_min, clip_max):
@@ -64,25 +75,31 @@ def _log_bounds(clip_min, clip_max):
     return lo, math.log(clip_max)
 
 
-def _td_exponent(td_errors, m, beta, whiten):
+def _td_exponent(td_errors, m, beta, whiten, reduce=None):
     """z = a / beta, the log of the unclipped weight (shared by build_weights and weight_stats)."""
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     a = td_errors.detach().float()
     if whiten:
-        a = _whiten(a, m)
+        a = _whiten(a, m, reduce)
     return a / beta
 
 
-def build_weights(td_errors, mask, beta=0.9, clip_min=0.1, clip_max=5.0, whiten=False, normalize=True):
+def build_weights(td_errors, mask, beta=0.9, clip_min=0.1, clip_max=5.0, whiten=False, normalize=True,
+                  reduce=None):
     """
     Per-token loss weights from TD errors: tokens that raised the chance of success weigh more.
 
-      a = delta, or (delta - mean) / (std + 1e-8) over the batch's valid tokens when whiten
+      a = delta, or (delta - mean) / (std + 1e-8) over the population's valid tokens when whiten
           (population std, i.e. divided by n, not n - 1)
       w = clamp(exp(a / beta), clip_min, clip_max), 0 outside the mask
-      normalize: w *= n_valid / sum(w), so the mean weight over valid tokens is 1 and the
-          weighted loss has the baseline's scale (values may then leave [clip_min, clip_max]).
+      normalize: w *= n_valid / sum(w) over the population, so the mean weight over its valid
+          tokens is 1 and the weighted loss has the baseline's scale (values may then leave
+          [clip_min, clip_max]).
+
+    The population is this tensor (reduce=None), e.g. one micro-batch, or the step's micro-batches
+    padded and concatenated; reduce=ddp_utils.all_reduce_sum adds every rank's (whitening and
+    normalisation then use sums over all of them; one small all-reduce each).
 
     Stable: a / beta is clamped to [log clip_min, log clip_max] before exp, so a huge delta
     never overflows; clipped tokens get the bound exactly. No valid token -> all zeros.
@@ -90,14 +107,14 @@ def build_weights(td_errors, mask, beta=0.9, clip_min=0.1, clip_max=5.0, whiten=
     td_errors (B, L), mask (B, L) -> (B, L) float32, detached
     """
     m = mask.to(td_errors.device) > 0                    # (B, L)
-    z = _td_exponent(td_errors, m, beta, whiten)         # (B, L)
+    z = _td_exponent(td_errors, m, beta, whiten, reduce)  # (B, L)
     lo, hi = _log_bounds(clip_min, clip_max)
     w = torch.exp(z.clamp(lo, hi))
     w = torch.where(z >= hi, clip_max, torch.where(z <= lo, clip_min, w))  # exact bounds
     w = torch.where(m, w, 0.0)
     if normalize:
-        n = m.sum()
-        w = w * (n / w.sum().clamp_min(1e-30))           # all-zero stays all-zero, no NaN
+        total, _, n = _population_sums(w, m, reduce)
+        w = (w * (n / total.clamp_min(1e-30))).float()   # all-zero stays all-zero, no NaN
     return w.detach()
 
 
@@ -179,85 +196,63 @@ def shuffle_within_rows(weights, mask, generator):
 # -----------------------------------------------------------------------------
 # Stage 3: Rho-1 selection
 
+def select_top_k(scores, valid, k_percent):
+    """
+    Rho-1's selection for one head: the ceil(k_percent * n_valid) valid entries with the largest
+    score (over the whole tensor) get 1, every other entry 0. Ties are broken by the lowest flat
+    index (stable sort), so the result is deterministic; ceil uses a 1e-6 tolerance so float noise
+    never adds an entry (k_percent=0.81, n=1200 selects 972, not 973). No host sync.
+
+    scores (B, L), valid (B, L) -> (B, L) float32 in {0, 1}
+    """
+    if not (0 < k_percent <= 1):
+        raise ValueError(f"k_percent must be in (0, 1], got {k_percent}")
+    s = scores.detach().float().flatten()                # (N,)
+    v = (valid.to(s.device) > 0).flatten()               # (N,)
+    # order: valid entries first, by descending score, ties by flat index (two stable sorts)
+    order = s.sort(descending=True, stable=True).indices
+    order = order[v[order].to(torch.int32).sort(descending=True, stable=True).indices]
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(s.numel(), device=s.device))
+    return (rank < n_selected(v.sum(), k_percent)).float().view_as(scores)
+
+
+def n_selected(n_valid, k_percent):
+    """How many of n_valid targets select_top_k keeps: ceil(k_percent * n_valid), 1e-6 tolerance.
+    Known from the masks alone, so a script can normalise by it before the forward."""
+    return torch.ceil(k_percent * torch.as_tensor(n_valid).double() - 1e-6)
+
+
 def compute_mtp_selective_weights(excess_loss, mask, k_percent=0.6):
     """
     Rho-1 per-head token selection. excess[b,t,k] = ce_policy - ce_reference.
 
-      head 0:     w = mask (every valid target)
-      head k >= 1: the ceil(k_percent * n_valid_k) valid targets of that head with the largest
-                  excess loss in the whole batch (over B and L) get 1, the rest 0.
-
-    Ties are broken by the lowest flat index b * L + t (stable sort), so the result is
-    deterministic. ceil uses a 1e-6 tolerance so float noise never adds a token
-    (k_percent=0.81, n=1200 selects 972, not 973).
+      head 0:      w = mask (every valid target)
+      head k >= 1: select_top_k(excess[..., k], mask[..., k], k_percent): the ceil(k_percent *
+                   n_valid_k) valid targets of that head with the largest excess loss in the
+                   whole tensor (over B and L) get 1, the rest 0.
 
     excess_loss (B, L, n), mask (B, L, n) -> (B, L, n) float32 in {0, 1}
     """
-    if not (0 < k_percent <= 1):
-        raise ValueError(f"k_percent must be in (0, 1], got {k_percent}")
-    B, L, n = excess_loss.shape
     m = mask.to(excess_loss.device) > 0                  # (B, L, n)
-    w = torch.zeros(B, L, n, dtype=torch.float32, device=excess_loss.device)
-    w[..., 0] = m[..., 0].float()
-    if n == 1:
-        return w
-    s = excess_loss[..., 1:].detach().float().permute(2, 0, 1).reshape(n - 1, B * L)  # (n-1, BL)
-    v = m[..., 1:].permute(2, 0, 1).reshape(n - 1, B * L)                            # (n-1, BL)
-    # order: valid targets first, by descending excess, ties by flat index (two stable sorts)
-    order = s.sort(dim=1, descending=True, stable=True).indices
-    valid_first = v.gather(1, order).to(torch.int32).sort(dim=1, descending=True, stable=True).indices
-    order = order.gather(1, valid_first)                                             # (n-1, BL)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(B * L, device=s.device).expand(n - 1, B * L))
-    n_sel = torch.ceil(k_percent * v.sum(dim=1).double() - 1e-6)                     # (n-1,)
-    sel = rank < n_sel[:, None]                                                      # implies valid
-    w[..., 1:] = sel.float().reshape(n - 1, B, L).permute(1, 2, 0)
-    return w
-
-
-def rho1_head_weights(k, ce_k, targets, ref_ce, k_percent=0.6):
-    """
-    Stage 3's weights of head k from that head's own (detached) policy CE, in the callable form
-    Transformer.forward_backward takes (bind targets, ref_ce, k_percent with functools.partial):
-    head 0 all its targets; head k >= 1 the top k_percent of its targets by excess loss
-    ce_k - ref_ce[..., k] (compute_mtp_selective_weights on a 2-head view).
-
-    k int, ce_k (B, L), targets (B, L, n) 0/1, ref_ce (B, L, n) -> (B, L)
-    """
-    if k == 0:
-        return targets[..., 0]
-    excess = torch.stack([torch.zeros_like(ce_k), ce_k - ref_ce[..., k]], dim=-1)  # (B, L, 2)
-    return compute_mtp_selective_weights(excess, targets[..., [0, k]], k_percent)[..., 1]
+    heads = [m[..., 0].float()] + [select_top_k(excess_loss[..., k], m[..., k], k_percent)
+                                   for k in range(1, excess_loss.shape[-1])]
+    return torch.stack(heads, dim=-1)
 
 
 # -----------------------------------------------------------------------------
 # Aligning token-level quantities with the MTP heads
 
-def _shift_heads(x, n):
-    """out[b,t,k] = x[b, t+k+1], 0 past the end. (B, L) -> (B, L, n)"""
+def shift_to_heads(x, n):
+    """
+    Token-level values to (position, head) pairs: head k at position t predicts token t+k+1, so
+    it takes that token's value. out[b,t,k] = x[b, t+k+1], 0 past the end. On the loss mask this
+    is which heads have a completion target where; on token weights, each head's weights.
+
+    x (B, L) -> (B, L, n), same dtype
+    """
     B, L = x.shape
     padded = torch.cat([x, x.new_zeros(B, n)], dim=1)    # (B, L+n)
     return padded.unfold(1, n, 1)[:, 1:L + 1]            # windows starting at t+1: (B, L, n)
-
-
-def head_targets_mask(loss_mask, n):
-    """
-    Which (position, head) pairs have a completion token as target: head k at position t
-    predicts token t+k+1. out[b,t,k] = loss_mask[b, t+k+1], 0 past the end.
-
-    loss_mask (B, L) -> (B, L, n), same dtype
-    """
-    return _shift_heads(loss_mask, n)
-
-
-def shift_to_heads(token_weights, n):
-    """
-    Token weights to (position, head) weights: head k at position t uses the weight of its
-    target token t+k+1. out[b,t,k] = token_weights[b, t+k+1], 0 past the end.
-
-    token_weights (B, L) -> (B, L, n), same dtype
-    """
-    return _shift_heads(token_weights, n)
 
 
 # -----------------------------------------------------------------------------
@@ -276,37 +271,19 @@ def value_mask(loss_mask):
     return (m | m_next).to(loss_mask.dtype)
 
 
-def value_loss(values, rewards, vmask):
+def value_loss(values, rewards, vmask, count=None):
     """
-    MSE of the value head against the sample's reward:
-      sum(vmask * (V - R[:, None])^2) / max(sum(vmask), 1)
+    Squared error of the value head against the sample's reward, over the value positions:
+      sum(vmask * (V - R[:, None])^2) / count
+    count: the normaliser; None = max(sum(vmask), 1), this batch's mean. The training scripts
+    pass the optimizer step's count over all micro-batches and ranks (one gradient for any split).
 
     values (B, L), rewards (B,), vmask (B, L) -> scalar float32
     """
     V = values.float()
     vm = vmask.to(V.device).float()
     err = (V - rewards.to(V.device).float()[:, None]) ** 2
-    return (vm * err).sum() / vm.sum().clamp_min(1.0)
-
-
-def weighted_mtp_ce(ce, weights):
-    """
-    Reference weighted MTP loss (model.forward_backward computes the same without
-    materializing all heads' logits):
-      loss_k = sum_{b,t}(w[b,t,k] * ce[b,t,k]) / max(count(w[:,:,k] > 0), 1)
-      loss   = mean_k loss_k
-    Dividing by the count of trained targets (not by sum(w)) keeps normalized TD weights on
-    the baseline's scale and makes 0/1 weights a plain mean over the selected targets.
-    Targets with w = 0 contribute nothing even where ce is inf/NaN.
-
-    ce (B, L, n), weights (B, L, n) -> (loss scalar, head_losses (n,)) float32
-    """
-    ce = ce.float()
-    w = weights.to(ce.device).float()
-    on = w > 0
-    total = torch.where(on, w * ce, 0.0).sum(dim=(0, 1))             # (n,)
-    head_losses = total / on.sum(dim=(0, 1)).clamp_min(1).float()    # (n,)
-    return head_losses.mean(), head_losses
+    return (vm * err).sum() / (vm.sum().clamp_min(1.0) if count is None else count)
 
 
 # -----------------------------------------------------------------------------

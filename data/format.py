@@ -40,10 +40,10 @@ def parse_options(defaults, argv=None):
             print("options (--key=value): " + " ".join(f"--{k}={v}" for k, v in defaults.items()))
             sys.exit(0)
         if not arg.startswith("--") or "=" not in arg:
-            exit_with_error(f"expected --key=value, got {arg!r}", code=2)
+            fail(f"expected --key=value, got {arg!r}")
         key, value = arg[2:].split("=", 1)
         if key not in defaults:
-            exit_with_error(f"unknown option --{key} (known: {', '.join(defaults)})", code=2)
+            fail(f"unknown option --{key} (known: {', '.join(defaults)})")
         default = defaults[key]
         try:
             if isinstance(default, bool):
@@ -57,12 +57,20 @@ def parse_options(defaults, argv=None):
             else:  # str or None
                 options[key] = None if value == "None" else value
         except ValueError:
-            exit_with_error(f"--{key}={value}: expected {type(default).__name__}", code=2)
+            fail(f"--{key}={value}: expected {type(default).__name__}")
     return options
 
 
-def exit_with_error(message, code=1):
-    print(f"error: {message}", file=sys.stderr)
+def error_line(message) -> str:
+    """'script.py: error: message' on one line: the one format of every entry point's errors."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "wmtp"
+    return f"{prog}: error: {' '.join(str(message).splitlines())}"
+
+
+def fail(message, code=2):
+    """Print error_line(message) on stderr and exit with `code` (2: bad input or settings, before any
+    work; 1: the work itself failed)."""
+    print(error_line(message), file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -247,7 +255,7 @@ if __name__ == "__main__":
     from tokenizer import Tokenizer
     opts = parse_options({"in_dir": "", "tokenizer": "", "out_dir": "", "verifier": ""})
     if not opts["in_dir"] or not opts["tokenizer"]:
-        exit_with_error("--in_dir and --tokenizer are required", code=2)
+        fail("--in_dir and --tokenizer are required")
     out_dir = opts["out_dir"] or opts["in_dir"]
     try:
         paths = sorted(glob.glob(os.path.join(opts["in_dir"], "*.jsonl")))
@@ -258,5 +266,5 @@ if __name__ == "__main__":
         meta, stats = write_dataset(out_dir, splits, tok, opts["tokenizer"], verifier=opts["verifier"] or None,
                                     merge=True)
     except (ValueError, FileNotFoundError) as e:
-        exit_with_error(str(e))
+        fail(e, code=1)
     print_summary(out_dir, meta, stats)

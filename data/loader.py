@@ -5,7 +5,7 @@ Reading a prepared dataset (see data/format.py for the files), shared by every s
     ds = TokenDataset("data/arith", "train", balance_correct=True, max_length=128)
     loader, sampler = make_loader(ds, batch_size=32, pad_id=meta["pad_id"], shuffle=True, seed=0,
                                   rank=ctx.rank, world_size=ctx.world_size)
-    sampler.set_epoch(epoch)          # every epoch
+    sampler.set_epoch(epoch)          # every epoch (a new shuffle, the same on every rank)
     sampler.set_skip(n)               # on resume: skip the first n samples of this rank's epoch
     for batch in loader: ...          # input_ids (B, L), loss_mask (B, L), reward (B,), ...
 """
@@ -162,40 +162,24 @@ def collate(items, pad_id):
     }
 
 
-class ResumableSampler(torch.utils.data.Sampler):
+class ResumableSampler(torch.utils.data.DistributedSampler):
     """
-    torch's DistributedSampler plus exact mid-epoch resume. The epoch order is a permutation
-    seeded by seed + epoch (or 0..n-1 without shuffle); rank r reads order[r::world_size].
-    pad=True (training) repeats the order's head so that every rank gets ceil(n / world_size)
-    samples; pad=False (validation) reads every sample exactly once over all ranks.
-    set_skip(n) makes the next iteration start at this rank's n-th sample of the current
-    epoch's order (one-shot: the iteration after that starts at 0 again).
+    torch's DistributedSampler (the epoch order is randperm seeded by seed + epoch, or 0..n-1
+    without shuffle; rank r reads order[r::world_size]; set_epoch every epoch) plus:
+    - exact mid-epoch resume: set_skip(n) makes the next iteration start at this rank's n-th
+      sample of the current epoch's order (one-shot: the iteration after that starts at 0 again);
+    - pad=False (validation): every sample exactly once over all ranks, no repeats (ranks may get
+      one sample fewer). pad=True (training) is DistributedSampler's padding: the order's head is
+      repeated so that every rank gets ceil(n / world_size) samples.
     """
 
-    def __init__(self, n, rank=0, world_size=1, shuffle=True, seed=0, pad=True):
+    def __init__(self, dataset, rank=0, world_size=1, shuffle=True, seed=0, pad=True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
-        self.n, self.rank, self.world_size = n, rank, world_size
-        self.shuffle, self.seed, self.pad = shuffle, seed, pad
-        self.epoch, self.skip = 0, 0
-        self.num_samples = math.ceil(n / world_size) if pad else len(range(rank, n, world_size))
-
-    def order(self):
-        """This rank's full sample order for the current epoch."""
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        if self.pad:
-            total = self.num_samples * self.world_size
-            while len(order) < total:
-                order += order[:total - len(order)]
-        return order[self.rank::self.world_size]
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.pad, self.skip = pad, 0
+        if not pad:
+            self.num_samples = len(range(rank, len(dataset), world_size))
 
     def set_skip(self, n):
         if not 0 <= n <= self.num_samples:
@@ -203,8 +187,16 @@ class ResumableSampler(torch.utils.data.Sampler):
         self.skip = n
 
     def __iter__(self):
-        order = self.order()[self.skip:]
-        self.skip = 0
+        if self.pad:
+            order = list(super().__iter__())
+        else:
+            order = list(range(len(self.dataset)))
+            if self.shuffle:
+                g = torch.Generator()
+                g.manual_seed(self.seed + self.epoch)
+                order = torch.randperm(len(self.dataset), generator=g).tolist()
+            order = order[self.rank::self.num_replicas]
+        order, self.skip = order[self.skip:], 0
         return iter(order)
 
     def __len__(self):
@@ -213,7 +205,7 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 def make_loader(ds, batch_size, pad_id, shuffle, seed, rank=0, world_size=1, pad=True, pin_memory=False):
     """(DataLoader, sampler) over ds for this rank; keep the sampler for set_epoch / set_skip."""
-    sampler = ResumableSampler(len(ds), rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, pad=pad)
+    sampler = ResumableSampler(ds, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, pad=pad)
     # its own generator: a DataLoader iterator otherwise draws a base seed from the global RNG at
     # every epoch start, which would shift the training RNG stream of a resumed run
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler,

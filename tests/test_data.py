@@ -310,26 +310,31 @@ def test_max_length_truncate_and_drop(arith_dir):
 
 def test_sampler_ranks_epochs_and_resume():
     n, world = 12, 3
-    orders = [list(ResumableSampler(n, rank=r, world_size=world, shuffle=True, seed=5)) for r in range(world)]
+    orders = [list(ResumableSampler(range(n), rank=r, world_size=world, shuffle=True, seed=5)) for r in range(world)]
     assert [len(o) for o in orders] == [4, 4, 4]
     assert sorted(sum(orders, [])) == list(range(n))  # disjoint and covering
     # pad=True with a remainder: equal counts, padded by repetition
-    padded = [list(ResumableSampler(10, rank=r, world_size=world, seed=5)) for r in range(world)]
+    padded = [list(ResumableSampler(range(10), rank=r, world_size=world, seed=5)) for r in range(world)]
     assert [len(o) for o in padded] == [4, 4, 4] and set(sum(padded, [])) == set(range(10))
+    # it is torch's DistributedSampler: the same order (training), plus skip and pad=False
+    assert isinstance(ResumableSampler(range(10)), torch.utils.data.DistributedSampler)
+    torch_order = [list(torch.utils.data.DistributedSampler(range(10), num_replicas=world, rank=r, seed=5))
+                   for r in range(world)]
+    assert padded == torch_order
     # pad=False: rank r reads order[r::world], every sample exactly once
-    full = list(ResumableSampler(10, shuffle=True, seed=5, pad=False))
-    unpadded = [list(ResumableSampler(10, rank=r, world_size=world, seed=5, pad=False)) for r in range(world)]
+    full = list(ResumableSampler(range(10), shuffle=True, seed=5, pad=False))
+    unpadded = [list(ResumableSampler(range(10), rank=r, world_size=world, seed=5, pad=False)) for r in range(world)]
     assert [len(o) for o in unpadded] == [4, 3, 3] and sorted(sum(unpadded, [])) == list(range(10))
     assert unpadded[1] == full[1::world]
     # set_epoch changes the order, deterministically
-    s = ResumableSampler(100, seed=0)
+    s = ResumableSampler(range(100), seed=0)
     e0 = list(s)
     s.set_epoch(1)
     e1 = list(s)
     assert e0 != e1 and sorted(e0) == sorted(e1) == list(range(100))
     s.set_epoch(0)
     assert list(s) == e0
-    assert list(ResumableSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
+    assert list(ResumableSampler(range(5), shuffle=False)) == [0, 1, 2, 3, 4]
     # set_skip resumes exactly, for the next iteration only
     s.set_epoch(1)
     s.set_skip(37)

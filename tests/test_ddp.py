@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tests.test_train import FAST, MICRO, ROOT, metrics, run, train_losses, val_losses
+from tests.helpers import FAST, MICRO, ROOT, metrics, run, train_losses, val_losses
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,8 @@ SHARD_SCRIPT = r"""
 import json, sys
 import torch.distributed as dist
 import ddp_utils, train_common as tc
-cfg = dict(data_dir=sys.argv[1], max_length=96, overflow="truncate", n_samples=None, balance_correct=False,
-           correct_ratio=0.5, seed=7, batch_size=4)
 ctx = ddp_utils.setup("cpu")
-meta, datasets, loaders = tc.build_data(cfg, ctx)
+meta, datasets, loaders = tc.build_data(sys.argv[1], ctx, batch_size=4, max_length=96, overflow="truncate", seed=7)
 (train_loader, sampler), (val_loader, _) = loaders["train"], loaders["val"]
 seen = {}
 for epoch in range(2):
@@ -103,3 +101,55 @@ def test_checkpoints_cross_load_between_ddp_and_single(ddp_run, data_dir, tmp_pa
              "--max_iters=4", "--eval_interval=2", *FAST], torchrun=True)
     assert "RNG not restored" in p.stdout
     assert [m["iter"] for m in metrics(one) if "train/loss" in m] == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def stage_inits(ddp_run, data_dir, tmp_path_factory):
+    """What each stage starts from: the DDP base, a critic on it, and a reference for Rho-1 that is
+    not the policy itself (two more steps of training; with policy == reference every excess loss
+    is 0 and the top-k is decided by ties, i.e. by row order)."""
+    critic, ref = str(tmp_path_factory.mktemp("critic")), str(tmp_path_factory.mktemp("ref"))
+    run(["train_critic.py", f"--data_dir={data_dir}", f"--out_dir={critic}", f"--init_from={ddp_run}",
+         "--max_iters=2", "--eval_interval=2", *FAST])
+    run(["train_baseline.py", f"--data_dir={data_dir}", f"--out_dir={ref}", f"--init_from={ddp_run}",
+         "--max_iters=2", "--eval_interval=2", "--learning_rate=1e-2", *FAST])
+    return {"baseline": [f"--init_from={ddp_run}"], "critic": [f"--init_from={ddp_run}"],
+            "verifiable": [f"--init_from={critic}", "--weight_scope=step", "--beta=0.3", "--whiten=True"],
+            "rho1": [f"--init_from={ddp_run}", f"--ref_init_from={ref}", "--selection_scope=step"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["baseline", "critic", "verifiable", "rho1"])
+def test_one_gradient_for_every_split_of_the_rows(stage, stage_inits, data_dir, tmp_path):
+    """The same 16 rows per step as 16 x 1, 4 micro-steps x 4, and 2 ranks x 8 (torchrun): the same
+    losses and the same gradient (its norm, unclipped), step after step. Each head is normalised by
+    its targets over the whole step and all ranks; stage 2's weights (whitened and normalised) and
+    Rho-1's top-k are taken over the whole step (weight_scope / selection_scope = 'step')."""
+    common = [f"train_{stage}.py", f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=3", "--n_samples=48",
+              "--grad_clip=0", "--warmup_iters=0", *stage_inits[stage], *FAST]
+    splits = {"16x1": (["--batch_size=16"], False), "4x4": (["--batch_size=4", "--gradient_accumulation_steps=4"], False),
+              "2x8": (["--batch_size=8"], True)}
+    logs = {}
+    for name, (args, torchrun) in splits.items():
+        run(common + args + [f"--out_dir={tmp_path / name}"], torchrun=torchrun)
+        logs[name] = [m for m in metrics(str(tmp_path / name)) if "grad_norm" in m]
+    key = "train/value_mse" if stage == "critic" else "train/loss"
+    ref = logs["16x1"]
+    assert len(ref) == 3 and ref[0]["grad_norm"] > 0
+    for name in ("4x4", "2x8"):
+        assert [m[key] for m in logs[name]] == pytest.approx([m[key] for m in ref], rel=1e-5), name
+        assert [m["grad_norm"] for m in logs[name]] == pytest.approx([m["grad_norm"] for m in ref], rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_per_micro_batch_scope_depends_on_the_split(stage_inits, data_dir, tmp_path):
+    """The default weight_scope='micro_batch' whitens/normalises each micro-batch on its own, so
+    16 x 1 and 4 x 4 differ (the README says which population each setting uses); the loss
+    normaliser itself is still the step's."""
+    common = ["train_verifiable.py", f"--data_dir={data_dir}", "--max_iters=1", "--eval_interval=1", "--n_samples=16",
+              "--grad_clip=0", *stage_inits["verifiable"][:1], "--beta=0.3", "--whiten=True", *FAST]
+    run(common + ["--batch_size=16", f"--out_dir={tmp_path / 'a'}"])
+    run(common + ["--batch_size=4", "--gradient_accumulation_steps=4", f"--out_dir={tmp_path / 'b'}"])
+    a, b = (metrics(str(tmp_path / d))[0]["grad_norm"] for d in ("a", "b"))
+    assert abs(a - b) / a > 1e-4
+

@@ -17,8 +17,10 @@ import torch
 
 import ddp_utils
 import train_common as tc
+from data.loader import load_meta
+from evaluation import evaluate_all_ranks
 from model import Transformer
-from tests.test_train import FAST, MICRO, metrics, run, train_losses, val_losses
+from tests.helpers import FAST, MICRO, metrics, run, train_losses, val_losses
 
 # 2 micro-steps per step (accumulation), clipping active (grad norms here are ~1), lr schedule pinned to 4 iters
 COMMON = [*FAST, "--batch_size=8", "--gradient_accumulation_steps=2", "--eval_interval=2", "--learning_rate=3e-3",
@@ -29,11 +31,15 @@ def weights(out_dir, name="final.pt"):
     return torch.load(os.path.join(out_dir, name), weights_only=False)["model"]
 
 
-def one_process(data_dir, **cfg):
-    """The context and settings of a single CPU process, as train_*.py would set them up."""
-    ctx = SimpleNamespace(ddp=False, fsdp=False, rank=0, local_rank=0, world_size=1, device="cpu", device_type="cpu",
-                          master=True, local_master=True)
-    return ctx, dict(data_dir=data_dir, max_length=96, overflow="truncate", batch_size=16, seed=0, **cfg)
+def one_process():
+    """The context of a single CPU process, as ddp_utils.setup gives it."""
+    return SimpleNamespace(ddp=False, fsdp=False, rank=0, local_rank=0, world_size=1, device="cpu", device_type="cpu",
+                           master=True, local_master=True)
+
+
+def val_loader(data_dir, ctx):
+    _, _, loaders = tc.build_data(data_dir, ctx, batch_size=16, max_length=96, overflow="truncate", seed=0)
+    return loaders["val"][0]
 
 
 def assert_same_run(a, b, keys=("train/loss", "grad_norm")):
@@ -118,12 +124,11 @@ def test_fsdp_checkpoint_resumes_in_one_process(stage0, data_dir):
     """init_from='resume' on the FSDP run's out_dir, in one process (what a single-process or DDP
     resume runs): the DCP folder loads into whole tensors. Weights: those of its ckpt.pt; AdamW
     state: the one the DDP run of the same steps saved whole in its own ckpt.pt."""
-    ctx, cfg = one_process(data_dir, init_from="resume", out_dir=stage0["fsdp"], learning_rate=3e-3, weight_decay=0.1,
-                           beta1=0.9, beta2=0.95)
-    meta, _, _ = tc.build_data(cfg, ctx, splits=("val",))
-    model, resume = tc.init_model(cfg, ctx, meta, value_head=False)
-    tc.set_trainable(model, "all")
-    optimizer = tc.configure_optimizer(list(model.parameters()), cfg, ctx)
+    ctx = one_process()
+    meta = load_meta(data_dir)
+    model, resume = tc.init_model("resume", ctx, meta, stage0["fsdp"], value_head=False, pad_vocab_multiple=1)
+    model.set_trainable("all")
+    optimizer = model.configure_optimizer(0.1, 3e-3, (0.9, 0.95), "cpu")
     model.tok_embeddings.weight.data.zero_()  # so the check below sees the DCP's weights, not ckpt.pt's
     state = tc.restore_state(resume, optimizer, ctx, model)
     assert state["iter"] == 4 and state["sampler_pos"] == resume["sampler_pos"]
@@ -140,10 +145,9 @@ def test_fsdp_checkpoint_resumes_in_one_process(stage0, data_dir):
 
 def test_single_process_evaluates_the_fsdp_final_checkpoint(stage0, data_dir):
     """final.pt of the FSDP run, loaded in one process as eval.py/export.py do: its last val loss."""
-    ctx, cfg = one_process(data_dir)
-    _, _, loaders = tc.build_data(cfg, ctx, splits=("val",))
+    ctx = one_process()
     model = Transformer.load(os.path.join(stage0["fsdp"], "final.pt"))
-    loss = tc.evaluate(model, loaders["val"][0], ctx, nullcontext())["val/loss"]
+    loss = evaluate_all_ranks(model, val_loader(data_dir, ctx), ctx, nullcontext())["val/loss"]
     assert loss == pytest.approx(val_losses(stage0["fsdp"])[-1], rel=1e-6)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model import ModelArgs, Transformer
+from tests.helpers import weighted_mtp_ce, weights_head_loss
 
 torch.set_num_threads(2)
 
@@ -180,11 +181,11 @@ def test_sequential_backward_equals_naive(weighted, ce_chunk_size):
         model.zero_grad(set_to_none=True)
         h = model.trunk_forward(tokens)
         extra = ((model.value(h) - 1.0) ** 2).mean() * 0.5
-        out = model.forward_backward(tokens, w, h_trunk=h, extra_loss=extra, loss_scale=0.5, naive=naive,
+        out = model.forward_backward(tokens, weights_head_loss(w), h_trunk=h, extra_loss=extra, naive=naive,
                                      ce_chunk_size=ce_chunk_size)
         results[naive] = (out, _grads(model))
     (o_naive, g_naive), (o_seq, g_seq) = results[True], results[False]
-    assert torch.allclose(o_naive["head_losses"], o_seq["head_losses"], atol=1e-6)
+    assert o_naive.shape == (4,) and torch.allclose(o_naive, o_seq, atol=1e-6)
     assert set(g_naive) == set(g_seq) == {n for n, p in model.named_parameters()}
     for name in g_naive:
         assert (g_naive[name] - g_seq[name]).abs().max().item() <= GRAD_ATOL, name
@@ -199,35 +200,40 @@ def test_chunked_ce_equals_plain_and_matches_manual_loss():
     outs, grads = [], []
     for chunk in (0, 4):
         model.zero_grad(set_to_none=True)
-        outs.append(model.forward_backward(tokens, w, ce_chunk_size=chunk))
+        outs.append(model.forward_backward(tokens, weights_head_loss(w), ce_chunk_size=chunk))
         grads.append(_grads(model))
-    assert torch.allclose(outs[0]["loss"], outs[1]["loss"], atol=1e-6)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
-    # loss = mean over heads of the mean CE over that head's targets, from Meta's forward logits
+    # each head's loss = its mean CE over its targets: the whole-tensor oracle on Meta's forward logits
     with torch.no_grad():
-        logits = model(tokens, return_all_heads=True)
-    manual = []
+        logits = model(tokens, return_all_heads=True)  # (2, 9, 2, V)
+    ce = torch.zeros(2, 9, 2)  # ce[b, t, k] against tokens[b, t+k+1]
     for k in range(2):
         lp = torch.log_softmax(logits[:, : 9 - k - 1, k], -1)
-        tgt = tokens[:, k + 1:]
-        manual.append(-lp.gather(-1, tgt[..., None]).mean())
-    assert abs(outs[0]["loss"].item() - torch.stack(manual).mean().item()) < 1e-5
-    assert outs[0]["head_counts"].tolist() == [16, 14]
+        ce[:, : 9 - k - 1, k] = -lp.gather(-1, tokens[:, k + 1:, None])[..., 0]
+    loss, heads = weighted_mtp_ce(ce, w)
+    assert (outs[0] - heads).abs().max().item() < 1e-5 and abs(outs[0].mean().item() - loss.item()) < 1e-5
 
 
-def test_callable_weights_see_the_heads_own_loss():
+def test_head_loss_sees_each_heads_ce_and_its_value_is_returned():
+    """The script's head_loss gets head k's live per-position CE (it backpropagates through it) and
+    may select from its detached copy (Rho-1); forward_backward returns what head_loss returned."""
     model = random_model(micro_args(2)).train()
     tokens = torch.randint(0, 97, (2, 9))
-    seen = []
+    seen, returned = [], []
 
-    def select(k, ce_k):
-        seen.append((k, ce_k.shape, ce_k.requires_grad))
-        return (ce_k > ce_k.median()).float()
+    def head_loss(k, ce_k):
+        seen.append((k, tuple(ce_k.shape), ce_k.requires_grad))
+        selected = (ce_k.detach() > ce_k.detach().median()).float()
+        returned.append((selected * ce_k).sum() / 7.0)
+        return returned[-1]
 
-    out = model.forward_backward(tokens, select)
-    assert seen == [(0, (2, 9), False), (1, (2, 9), False)]
-    assert out["head_losses"].shape == (2,)
+    out = model.forward_backward(tokens, head_loss)
+    assert seen == [(0, (2, 9), True), (1, (2, 9), True)]
+    assert out.shape == (2,) and not out.requires_grad
+    assert torch.equal(out, torch.stack([r.detach() for r in returned]))
+    assert model.output.weight.grad is not None and model.tok_embeddings.weight.grad is not None
 
 
 def test_frozen_trunk_gets_no_grad():
@@ -235,10 +241,10 @@ def test_frozen_trunk_gets_no_grad():
     trunk_names = {n for n, _ in model.named_parameters() if n.startswith("tok_embeddings") or n.startswith("layers.0.")}
     for n, p in model.named_parameters():
         p.requires_grad_(n not in trunk_names)
-    out = model.forward_backward(torch.randint(0, 97, (2, 9)), torch.ones(2, 9, 2))
+    out = model.forward_backward(torch.randint(0, 97, (2, 9)), weights_head_loss(torch.ones(2, 9, 2)))
     for n, p in model.named_parameters():
         assert (p.grad is None) == (n in trunk_names), n
-    assert torch.isfinite(out["loss"])
+    assert torch.isfinite(out).all()
 
 
 def test_compiled_blocks_match_eager():
@@ -255,9 +261,9 @@ def test_compiled_blocks_match_eager():
         outs, grads = [], []
         for model in (eager, compiled):
             model.zero_grad(set_to_none=True)
-            outs.append(model.forward_backward(tokens, w, ce_chunk_size=8))
+            outs.append(model.forward_backward(tokens, weights_head_loss(w), ce_chunk_size=8))
             grads.append(_grads(model))
-        assert (outs[0]["head_losses"] - outs[1]["head_losses"]).abs().max().item() <= 1e-6
+        assert (outs[0] - outs[1]).abs().max().item() <= 1e-6
         assert grads[0].keys() == grads[1].keys()
         for name in grads[0]:
             assert (grads[0][name] - grads[1][name]).abs().max().item() <= 1e-6, (S, name)
@@ -284,11 +290,12 @@ class HostReads(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("naive,ce_chunk_size", [(False, 0), (False, 8), (True, 0)])
 def test_training_micro_steps_never_read_back_to_the_host(naive, ce_chunk_size):
-    """The per-micro-step work of the stages (weights, losses, sequential backward) queues device
-    work only; the one host read per optimizer step is optimizer_step's isfinite(grad norm)."""
-    import train_common
-    from weighting import (build_weights, compute_td_errors, head_targets_mask, random_like_weights,
-                           rho1_head_weights, shift_to_heads, shuffle_within_rows, value_loss, value_mask)
+    """The per-micro-step work of the stages (weights, head losses as the scripts write them,
+    sequential backward) queues device work only; the one host read per optimizer step is
+    optimizer_step's isfinite(grad norm)."""
+    import ddp_utils
+    from weighting import (build_weights, compute_td_errors, random_like_weights, select_top_k, shift_to_heads,
+                           shuffle_within_rows, value_loss, value_mask)
     model = random_model(micro_args(3, 2, pad_vocab_multiple=64), value_head=True).train()
     torch.manual_seed(4)
     tokens, reward = torch.randint(0, 97, (3, 20)), torch.tensor([1.0, 0.0, 1.0])
@@ -296,25 +303,30 @@ def test_training_micro_steps_never_read_back_to_the_host(naive, ce_chunk_size):
     loss_mask[:, 6:17] = 1
     loss_mask[1, 17:] = 1
     ref_ce = torch.rand(3, 20, 3)
+    n_targets = torch.tensor([30.0, 29.0, 28.0])  # the scripts' step normalisers (computed once per step)
     with HostReads() as host:
-        targets = head_targets_mask(loss_mask, 3)  # stage 0
-        model.forward_backward(tokens, targets, naive=naive, ce_chunk_size=ce_chunk_size)
+        targets = shift_to_heads(loss_mask, 3)  # stage 0
+        model.forward_backward(tokens, lambda k, ce_k: (targets[..., k] * ce_k).sum() / n_targets[k],
+                               naive=naive, ce_chunk_size=ce_chunk_size)
         vmask = value_mask(loss_mask)  # stage 1 and 2
         h_trunk = model.trunk_forward(tokens)
         values = model.value(h_trunk)
         td = compute_td_errors(values.detach(), reward, loss_mask, 1.0)
         w = build_weights(td, loss_mask, 0.9, 0.1, 5.0, whiten=True, normalize=True)
-        w = shuffle_within_rows(random_like_weights(w, loss_mask, None), loss_mask, None)
-        model.forward_backward(tokens, shift_to_heads(w, 3), h_trunk=h_trunk,
-                               extra_loss=0.5 * value_loss(values, reward, vmask), naive=naive,
+        w = shift_to_heads(shuffle_within_rows(random_like_weights(w, loss_mask, None), loss_mask, None), 3)
+        model.forward_backward(tokens, lambda k, ce_k: (w[..., k] * ce_k).sum() / n_targets[k], h_trunk=h_trunk,
+                               extra_loss=0.5 * value_loss(values, reward, vmask, count=n_targets[0]), naive=naive,
                                ce_chunk_size=ce_chunk_size)
-        model.forward_backward(tokens, lambda k, ce_k: rho1_head_weights(k, ce_k, targets, ref_ce, 0.6),  # stage 3
-                               naive=naive, ce_chunk_size=ce_chunk_size)
+
+        def rho1_head_loss(k, ce_k):  # stage 3
+            w_k = targets[..., k] if k == 0 else select_top_k(ce_k.detach() - ref_ce[..., k], targets[..., k], 0.6)
+            return (w_k * ce_k).sum() / n_targets[k]
+        model.forward_backward(tokens, rho1_head_loss, naive=naive, ce_chunk_size=ce_chunk_size)
     assert host.reads == []
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # fused, as on CUDA
     with HostReads() as host:
-        _, stepped = train_common.optimizer_step(optimizer, params, 1.0)
+        _, stepped = ddp_utils.optimizer_step(optimizer, params, 1.0)
     assert stepped and host.reads == ["__bool__"]
 
 
@@ -401,9 +413,9 @@ def test_padded_vocab_masks_the_padded_ids(ce_chunk_size, naive):
     outs, grads = [], []
     for model in (plain, padded):
         model.zero_grad(set_to_none=True)
-        outs.append(model.forward_backward(tokens, w, naive=naive, ce_chunk_size=ce_chunk_size))
+        outs.append(model.forward_backward(tokens, weights_head_loss(w), naive=naive, ce_chunk_size=ce_chunk_size))
         grads.append(_grads(model))
-    assert (outs[0]["head_losses"] - outs[1]["head_losses"]).abs().max().item() <= 1e-6
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-6
     for name, g in grads[0].items():
         g_padded = grads[1][name]
         if name in VOCAB_KEYS:

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from data.loader import TokenDataset, load_meta, make_loader
-from tests.test_train import FAST, MICRO, ROOT, metrics
+from tests.helpers import FAST, MICRO, ROOT, metrics
 
 PY = sys.executable
 BUCKET = "wmtp-rel"

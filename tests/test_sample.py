@@ -80,10 +80,10 @@ def trained_model():
     for _ in range(100):
         start = torch.randint(0, len(PERIOD), (16,))
         tokens = period[(start[:, None] + torch.arange(32)[None]) % len(PERIOD)]  # (16, 32)
-        out = model.forward_backward(tokens, torch.ones(16, 32, 4))
+        out = model.forward_backward(tokens, lambda k, ce_k: ce_k[:, :32 - k - 1].mean())
         opt.step()
         opt.zero_grad(set_to_none=True)
-    assert out["head_losses"].max() < 0.1, out["head_losses"]
+    assert out.max() < 0.1, out
     return model.eval()
 
 

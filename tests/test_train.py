@@ -4,48 +4,19 @@ agrees with a single process."""
 
 import json
 import os
+import random
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from model import Transformer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-MICRO = ["--dim=32", "--n_layers=4", "--n_heads=2", "--n_future_tokens=3", "--multiple_of=16", "--max_seq_len=128"]
-FAST = ["--device=cpu", "--batch_size=16", "--log_interval=1", "--max_length=96"]
-
-
-def run(args, cwd=ROOT, expect=0, torchrun=False, env=None):
-    cmd = ([TORCHRUN, "--standalone", "--nproc_per_node=2"] if torchrun else [PY]) + args
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=e)
-    assert p.returncode == expect, f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-3000:]}"
-    return p
-
-
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(out_dir, key="train/loss"):
-    return [m[key] for m in metrics(out_dir) if key in m]
-
-
-def val_losses(out_dir):
-    return [m["val/loss"] for m in metrics(out_dir) if "val/loss" in m]
+from tests.helpers import FAST, MICRO, PY, ROOT, metrics, prepare_arith, run, train_losses, val_losses
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("arith")
-    run(["data/arith/prepare.py", f"--out_dir={d}", "--n_train_problems=300", "--n_val_problems=40",
-         "--n_test_problems=40", "--seed=3"])
-    return str(d)
+    return prepare_arith(tmp_path_factory.mktemp("arith"))
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +52,35 @@ def test_critic_learns_value(base_dir, data_dir, tmp_path):
          "--max_iters=30", "--eval_interval=15", "--learning_rate=3e-3", *FAST])
     mse = train_losses(out, "train/value_mse")
     assert len(mse) == 30 and min(mse[-5:]) < mse[0]
-    evals = [m for m in metrics(out) if "val/value_auc" in m]
-    assert len(evals) == 2 and 0.0 <= evals[-1]["val/value_auc"] <= 1.0
     ckpt = torch.load(os.path.join(out, "final.pt"), weights_only=False)
     # only the value head trained: the trunk equals the base model's
     base = torch.load(os.path.join(base_dir, "final.pt"), weights_only=False)
     assert torch.equal(ckpt["model"]["layers.0.attention.wq.weight"], base["model"]["layers.0.attention.wq.weight"])
     assert any(k.startswith("value_head.") for k in ckpt["model"])
+
+
+def test_critic_learns_to_tell_correct_from_incorrect(base_dir, data_dir, tmp_path):
+    """Rows whose label shows in every completion token (correct: '= 7 + 7 ...', incorrect: '= 3 + 3
+    ...'), tokenized with the base's tokenizer: the critic on the frozen base trunk separates the
+    validation rows (AUC of V at the last token 1.0; it starts near 0 or 1 by chance, as the two
+    suffixes give nearly the same features), and its validation MSE falls."""
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    rng = random.Random(0)
+    for split, n_rows in (("train", 160), ("val", 40)):
+        with open(rows / f"{split}.jsonl", "w") as f:
+            for i in range(n_rows):
+                d = 7 if i % 2 == 0 else 3
+                f.write(json.dumps({"problem_id": f"{split}-{i}", "prompt": f"Compute: {rng.randint(1, 9)} + 1\n",
+                                    "completion": f"= {d} + {d}\n= {d}\nAnswer: {d}", "is_correct": d == 7}) + "\n")
+    run(["data/format.py", f"--in_dir={rows}", f"--tokenizer={data_dir}/tokenizer.model", f"--out_dir={rows}"])
+    out = str(tmp_path / "critic")
+    run(["train_critic.py", f"--data_dir={rows}", f"--out_dir={out}", f"--init_from={base_dir}", "--max_iters=150",
+         "--eval_interval=50", "--learning_rate=1e-2", "--min_lr=1e-2", "--warmup_iters=0", "--grad_clip=0",
+         "--weight_decay=0", *FAST])
+    evals = [m for m in metrics(out) if "val/value_auc" in m]
+    assert len(evals) == 3 and evals[-1]["val/value_auc"] >= 0.95
+    assert evals[-1]["val/value_mse"] < evals[0]["val/value_mse"] - 0.01
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +174,23 @@ def test_config_files_load_and_validate():
     for name, p in procs.items():
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0 and "settings" in out, f"config/{name}: exit {p.returncode}\n{err[-2000:]}"
+
+
+def test_a_copied_script_with_its_own_head_loss(base_dir, data_dir, tmp_path):
+    """A fork changes the loss form in its copy of train_baseline.py and nowhere else: here heads
+    k >= 1 count half. The copy runs as is; its first step's head losses are exactly the original
+    script's, head 0 at 1x and the others at 0.5x (same weights and rows before the first update)."""
+    source = open(os.path.join(ROOT, "train_baseline.py")).read()
+    old = "            return (targets[..., k] * ce_k).sum() / n_targets[k]\n"
+    assert source.count(old) == 1
+    mine = os.path.join(ROOT, f"train_mine_{os.getpid()}.py")  # beside the original, as a fork's copy lives
+    with open(mine, "w") as f:
+        f.write(source.replace(old, "            return (1.0 if k == 0 else 0.5) * (targets[..., k] * ce_k).sum() / n_targets[k]\n"))
+    try:
+        common = [f"--data_dir={data_dir}", f"--init_from={base_dir}", "--max_iters=1", "--eval_interval=1", *FAST]
+        run(["train_baseline.py", *common, f"--out_dir={tmp_path / 'orig'}"])
+        run([os.path.basename(mine), *common, f"--out_dir={tmp_path / 'mine'}"])
+    finally:
+        os.remove(mine)
+    orig, ours = (metrics(str(tmp_path / d))[0]["train/head_loss"] for d in ("orig", "mine"))
+    assert len(orig) == 3 and ours == pytest.approx([orig[0], 0.5 * orig[1], 0.5 * orig[2]], rel=1e-6)

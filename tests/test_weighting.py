@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 
+from tests.helpers import weighted_mtp_ce
 from weighting import (auc, binary_accuracy, build_weights, compute_mtp_selective_weights, compute_td_errors,
-                       head_targets_mask, random_like_weights, rho1_head_weights, shift_to_heads, shuffle_within_rows,
-                       value_loss, value_mask, weight_stats, weighted_mtp_ce)
+                       n_selected, random_like_weights, select_top_k, shift_to_heads, shuffle_within_rows, value_loss,
+                       value_mask, weight_stats)
 
 ATOL = 1e-6
 
@@ -117,6 +118,39 @@ def test_build_weights_whiten_population_std():
     # one valid token: std 0 -> a = 0 -> w = 1, no NaN
     w = build_weights(torch.tensor([[7.0, 1.0]]), torch.tensor([[0.0, 1.0]]), whiten=True, normalize=False)
     close(w, [[0.0, 1.0]])
+
+
+def test_build_weights_population_split_over_ranks_equals_the_whole():
+    """whiten and normalize over a population held in parts (ranks, or micro-batches concatenated):
+    each part with reduce = a sum over the parts (an all-reduce, here two threads) gets exactly
+    the weights of the whole tensor; with reduce=None each part is its own population."""
+    import threading
+    torch.manual_seed(3)
+    rng = random.Random(3)
+    td = torch.randn(6, 11)
+    mask = torch.tensor(random_contiguous_mask(6, 11, rng, allow_empty=False))
+    whole = build_weights(td, mask, 0.5, 0.2, 4.0, whiten=True, normalize=True)
+    parts, out, slots, barrier = [(0, 2), (2, 6)], [None, None], [None, None], threading.Barrier(2)
+
+    def all_reduce_sum(rank, t):  # what ddp_utils.all_reduce_sum does across two processes
+        slots[rank] = t.clone()
+        barrier.wait()
+        total = slots[0] + slots[1]
+        barrier.wait()
+        return t.copy_(total)
+
+    def rank_main(rank):
+        lo, hi = parts[rank]
+        out[rank] = build_weights(td[lo:hi], mask[lo:hi], 0.5, 0.2, 4.0, whiten=True, normalize=True,
+                                  reduce=lambda t: all_reduce_sum(rank, t))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    close(torch.cat(out), whole, atol=1e-5)
+    alone = build_weights(td[:2], mask[:2], 0.5, 0.2, 4.0, whiten=True, normalize=True)
+    assert (alone - whole[:2]).abs().max().item() > 1e-3  # a different population, different weights
+    assert (alone * mask[:2]).sum().item() == pytest.approx(mask[:2].sum().item(), rel=1e-5)  # mean 1 on its own
 
 
 def test_build_weights_empty_mask_and_detached():
@@ -237,16 +271,17 @@ def test_selective_weights_hand_example():
     close(compute_mtp_selective_weights(excess, mask, k_percent=1.0), mask)
 
 
-def test_rho1_head_weights_hand_example():
-    """Head k's weights from its own CE minus the reference CE of head k (the other heads' CE unused)."""
-    targets = torch.tensor([[[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]]], dtype=torch.float32)  # (1, 4, 3)
-    ref_ce = torch.tensor([[[9.0, 1.0, 0.0], [9.0, 1.0, 2.0], [9.0, 0.0, 0.0], [9.0, 0.0, 0.0]]])
-    ce = torch.tensor([[2.0, 1.5, 0.5, 50.0]])  # (1, 4); position 3 has no target for heads 1 and 2
-    close(rho1_head_weights(0, ce, targets, ref_ce, 0.5), [[1, 1, 1, 1]])  # head 0: every target
-    # head 1: excess 1.0, 0.5, 0.5 over 3 targets, ceil(0.5 * 3) = 2 -> t=0, then the tie by index t=1
-    close(rho1_head_weights(1, ce, targets, ref_ce, 0.5), [[1, 1, 0, 0]])
-    # head 2: excess 2.0, -0.5 over 2 targets, ceil(0.5 * 2) = 1 -> t=0
-    close(rho1_head_weights(2, ce, targets, ref_ce, 0.5), [[1, 0, 0, 0]])
+def test_select_top_k_hand_example():
+    """Rho-1's selection of one head: the ceil(k * n_valid) valid entries with the largest score
+    over the whole (B, L) tensor; ties by the lowest flat index; invalid entries never."""
+    scores = torch.tensor([[1.0, 0.5, 0.5, 50.0], [0.7, -1.0, 3.0, 2.0]])
+    valid = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # 5 valid; 50.0, 3.0, 2.0 are not targets
+    # ceil(0.5 * 5) = 3: 1.0, 0.7, then of the tie 0.5 / 0.5 the lower flat index (0, 1)
+    close(select_top_k(scores, valid, 0.5), [[1, 1, 0, 0], [1, 0, 0, 0]])
+    close(select_top_k(scores, valid, 0.4), [[1, 0, 0, 0], [1, 0, 0, 0]])  # ceil(2.0) = 2
+    close(select_top_k(scores, valid, 1.0), valid)
+    close(select_top_k(scores, torch.zeros(2, 4), 0.6), torch.zeros(2, 4))
+    assert n_selected(5, 0.5).item() == 3 and n_selected(torch.tensor([10, 0, 1200]), 0.81).tolist() == [9, 0, 972]
 
 
 def test_selective_weights_float_noise_and_validation():
@@ -265,7 +300,7 @@ def test_selective_weights_match_loop_with_ties():
     rng = random.Random(4)
     torch.manual_seed(4)
     B, L, n = 4, 10, 4
-    mask = head_targets_mask(torch.tensor(random_contiguous_mask(B, L, rng)), n)
+    mask = shift_to_heads(torch.tensor(random_contiguous_mask(B, L, rng)), n)
     excess = torch.randint(-2, 3, (B, L, n)).float()                  # many ties
     for k_percent in (0.6, 0.25, 0.5, 1.0):
         w = compute_mtp_selective_weights(excess, mask, k_percent)
@@ -275,14 +310,14 @@ def test_selective_weights_match_loop_with_ties():
 # -----------------------------------------------------------------------------
 # Head alignment and value-head targets
 
-def test_head_targets_mask_and_shift_alignment():
+def test_shift_to_heads_alignment():
     mask = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
-    # [t, k] = mask[t+k+1]
-    close(head_targets_mask(mask, 3)[0], [[0, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]])
-    close(head_targets_mask(mask, 1)[0], [[0], [1], [1], [1], [0], [0]])
-    w = torch.tensor([[10.0, 11.0, 12.0, 13.0, 14.0, 15.0]])
+    # [t, k] = mask[t+k+1]: which heads have a completion target where
+    close(shift_to_heads(mask, 3)[0], [[0, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]])
+    close(shift_to_heads(mask, 1)[0], [[0], [1], [1], [1], [0], [0]])
+    w = torch.tensor([[10.0, 11.0, 12.0, 13.0, 14.0, 15.0]])  # token weights -> each head's weights
     close(shift_to_heads(w, 3)[0], [[11, 12, 13], [12, 13, 14], [13, 14, 15], [14, 15, 0], [15, 0, 0], [0, 0, 0]])
-    assert head_targets_mask(mask.bool(), 2).dtype == torch.bool
+    assert shift_to_heads(mask.bool(), 2).dtype == torch.bool
 
 
 def test_value_mask():
@@ -304,6 +339,7 @@ def test_value_loss():
     assert loss.item() == pytest.approx(0.51 / 4, abs=1e-7)
     loss.backward()
     close(V.grad, [[0, 2 * (0.5 - 1) / 4, 2 * (0.9 - 1) / 4], [2 * 0.3 / 4, 2 * 0.4 / 4, 0]])
+    assert value_loss(V.detach(), R, vmask, count=8.0).item() == pytest.approx(0.51 / 8, abs=1e-7)  # a step's count
     assert value_loss(V.bfloat16(), R, torch.zeros(2, 3)).item() == 0.0
     assert value_loss(V.bfloat16(), R, vmask).dtype == torch.float32
 

@@ -38,7 +38,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.arith.verify import FLAT_PRECEDENCE, OPS, PRECEDENCE, parse_expression, verify  # noqa: E402
-from data.format import exit_with_error, parse_options, print_summary, write_dataset  # noqa: E402
+from data.format import fail, parse_options, print_summary, write_dataset  # noqa: E402
 from tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 DEFAULTS = {
@@ -307,12 +307,12 @@ def check_options(opts):
     for key in ("n_train_problems", "n_val_problems", "n_test_problems", "candidates_per_problem", "min_ops",
                 "max_operand", "max_value", "vocab_size"):
         if opts[key] < 1:
-            exit_with_error(f"--{key} must be >= 1, got {opts[key]}", code=2)
+            fail(f"--{key} must be >= 1, got {opts[key]}")
     if opts["max_ops"] < opts["min_ops"]:
-        exit_with_error(f"--max_ops ({opts['max_ops']}) must be >= --min_ops ({opts['min_ops']})", code=2)
+        fail(f"--max_ops ({opts['max_ops']}) must be >= --min_ops ({opts['min_ops']})")
     for key in ("slip_ratio", "systematic_ratio"):
         if not 0.0 <= opts[key] <= 1.0:
-            exit_with_error(f"--{key} must be in [0, 1], got {opts[key]}", code=2)
+            fail(f"--{key} must be in [0, 1], got {opts[key]}")
 
 
 def print_slips(splits):
@@ -363,4 +363,4 @@ if __name__ == "__main__":
     try:
         main(opts)
     except (ValueError, FileNotFoundError) as e:
-        exit_with_error(str(e))
+        fail(e, code=1)

@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.format import Progress, exit_with_error, parse_options, print_summary, write_dataset  # noqa: E402
+from data.format import Progress, fail, parse_options, print_summary, write_dataset  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 DEFAULTS = {
@@ -139,7 +139,7 @@ def problem_rows(row, where, max_solutions, seed):
 
 def main(opts):
     if not opts["input"] or not opts["tokenizer"]:
-        exit_with_error("--input and --tokenizer are required", code=2)
+        fail("--input and --tokenizer are required")
     paths = sorted(glob.glob(opts["input"]))
     if not paths:
         raise FileNotFoundError(f"--input={opts['input']}: no such file")
@@ -170,4 +170,4 @@ if __name__ == "__main__":
     try:
         main(opts)
     except (ValueError, FileNotFoundError, ImportError) as e:
-        exit_with_error(str(e))
+        fail(e, code=1)

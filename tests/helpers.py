@@ -1,0 +1,67 @@
+"""Helpers shared by several test files (test files never import each other).
+
+Running the real scripts as processes: `run`, the micro model and fast settings, the metrics log;
+and the loss oracles the model's training step is checked against."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+MICRO = ["--dim=32", "--n_layers=4", "--n_heads=2", "--n_future_tokens=3", "--multiple_of=16", "--max_seq_len=128"]
+FAST = ["--device=cpu", "--batch_size=16", "--log_interval=1", "--max_length=96"]
+
+
+def run(args, cwd=ROOT, expect=0, torchrun=False, env=None, nproc=2, timeout=600):
+    """`python args...` (or torchrun with nproc CPU processes) in the repo root, one thread per
+    process; asserts the exit code and returns the CompletedProcess."""
+    cmd = ([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if torchrun else [PY]) + list(args)
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
+    assert p.returncode == expect, f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-3000:]}"
+    return p
+
+
+def prepare_arith(out_dir, n_train=300, n_val=40, n_test=40, seed=3):
+    """A small embedded arith dataset in out_dir (its own tokenizer); returns out_dir as a str."""
+    run(["data/arith/prepare.py", f"--out_dir={out_dir}", f"--n_train_problems={n_train}",
+         f"--n_val_problems={n_val}", f"--n_test_problems={n_test}", f"--seed={seed}"])
+    return str(out_dir)
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir, key="train/loss"):
+    return [m[key] for m in metrics(out_dir) if key in m]
+
+
+def val_losses(out_dir):
+    return [m["val/loss"] for m in metrics(out_dir) if "val/loss" in m]
+
+
+def weighted_mtp_ce(ce, weights):
+    """The weighted MTP loss written out over all heads' CE at once (the oracle the sequential
+    training step is checked against): loss_k = sum_{b,t} w[b,t,k] ce[b,t,k] / count(w[:,:,k] > 0),
+    loss = mean over heads. Targets with w = 0 contribute nothing even where ce is inf/NaN.
+    ce (B, L, n), weights (B, L, n) -> (loss, head_losses (n,))"""
+    ce, w = ce.float(), weights.to(ce.device).float()
+    on = w > 0
+    head_losses = torch.where(on, w * ce, 0.0).sum(dim=(0, 1)) / on.sum(dim=(0, 1)).clamp_min(1).float()
+    return head_losses.mean(), head_losses
+
+
+def weights_head_loss(weights):
+    """A forward_backward head_loss from a (B, L, n) weight tensor: head k's weighted CE over its
+    count of targets with w > 0 (the per-micro-batch form of the stages' losses)."""
+    def head_loss(k, ce_k):
+        w_k = weights[..., k].to(ce_k.dtype)
+        return (w_k * ce_k).sum() / (w_k > 0).sum().clamp(min=1)
+    return head_loss
