@@ -110,7 +110,10 @@ def init_model(cfg: dict, ctx, meta: dict, value_head):
 
     init_from: 'scratch' (the model settings, vocab from the data), 'resume' (out_dir/ckpt.pt, exact
     continuation), 's3://bucket/prefix' (the manifest's latest checkpoint, then as 'resume'), a Meta
-    directory, or a checkpoint file / run directory of any stage (weights only, new run).
+    directory, a Hugging Face LLaMA directory, or a checkpoint file / run directory of any stage
+    (weights only, new run). A plain next-token model (one head: any Hugging Face LLaMA, a LLaMA-2
+    Meta directory) gets cfg's n_future_tokens heads when cfg has one (train_baseline.py), head 0
+    its own last block and heads 1.. copies of it; an MTP source keeps its heads.
     value_head: True (add a fresh one if missing), False (drop), None (as in the checkpoint)."""
     init_from, resume = cfg["init_from"], None
     try:
@@ -138,6 +141,8 @@ def init_model(cfg: dict, ctx, meta: dict, value_head):
             model = Transformer.from_checkpoint(resume, dtype=None, value_head=value_head, source=path)
         else:
             model = Transformer.load(init_from, device="cpu", dtype=None, value_head=value_head)
+            if model.n_future_tokens == 1 and cfg.get("n_future_tokens", 1) > 1:  # train_baseline's setting
+                model.set_n_future_tokens(cfg["n_future_tokens"])  # a plain LLaMA gets heads: copies of its last block
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(f"init_from={init_from!r}: {e}")
     if resume is None and model.args.pad_vocab_multiple != cfg["pad_vocab_multiple"]:
