@@ -131,14 +131,14 @@ def meta_params(args: ModelArgs) -> dict:
     return params
 
 
-def tokenizer_files(tok_path: str) -> dict:
+def tokenizer_files(tok: Tokenizer) -> dict:
     """{name in the export: source file}: a tokenizer.model as tokenizer.model; a Hugging Face
     tokenizer.json as tokenizer.json with the files beside it that name its special tokens."""
-    if Tokenizer(tok_path).kind != "tokenizers":
-        return {"tokenizer.model": tok_path}
-    files = {"tokenizer.json": tok_path}
+    if tok.kind != "tokenizers":
+        return {"tokenizer.model": tok.path}
+    files = {"tokenizer.json": tok.path}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = os.path.join(os.path.dirname(os.path.abspath(tok_path)), name)
+        path = os.path.join(os.path.dirname(os.path.abspath(tok.path)), name)
         if os.path.isfile(path):
             files[name] = path
     return files
@@ -206,7 +206,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype="bfloat16", tokenizer_
                              f"{args.vocab_size}: not this model's tokenizer")
     else:
         print(f"warning: no tokenizer for {src}; {out_dir} will have no tokenizer file")
-    tok_files = tokenizer_files(tok_path) if tok_path else {}
+    tok_files = tokenizer_files(tok) if tok else {}
     n_hf_tensors = 0
 
     consolidated = {}

@@ -148,6 +148,7 @@ def params_from_config(config: dict, source: str = "config.json") -> dict:
         "rope_theta": theta,
         "rope_scaling": rope_scaling,
         "n_future_tokens": 1,
+        # the context it was trained for (eval.py truncates there); the RoPE table covers twice that
         "max_seq_len": config.get("max_position_embeddings", 2048),
     }
 
@@ -173,7 +174,7 @@ def config_from_args(args, torch_dtype: torch.dtype, bos_id=None, eos_id=None) -
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": False,
-        "torch_dtype": str(torch_dtype).replace("torch.", ""),
+        "dtype": str(torch_dtype).replace("torch.", ""),  # transformers < 4.56 called it torch_dtype
     }
     if bos_id is not None:
         config["bos_token_id"] = bos_id
