@@ -52,6 +52,7 @@ HF_TO_META = {
 }
 META_TO_HF = {meta: hf for hf, meta in HF_TO_META.items()}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 def is_hf_dir(path: str) -> bool:
@@ -111,8 +112,7 @@ def check_supported(config: dict, source: str):
             refuse(field, "this model's linear layers have no bias")
     if config.get("sliding_window") is not None:
         refuse("sliding_window", "this model attends to every earlier token")
-    moe_fields = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
-    for field in moe_fields:
+    for field in MOE_FIELDS:
         if config.get(field):
             refuse(field, "mixture-of-experts layers are not supported")
     if config.get("quantization_config") is not None:

@@ -241,14 +241,16 @@ class Tokenizer:
                              and self.hf.token_to_id(e) is not None), (None, None))
         bos = bos or eos  # a model with one document separator (no bos of its own) uses it for both
         pad = hf_special_token(directory, "pad_token")
-        ids = {name: self.hf.token_to_id(token) if token else None for name, token in
-               (("bos_token", bos), ("eos_token", eos), ("pad_token", pad))}
-        if ids["bos_token"] is None or ids["eos_token"] is None:
+
+        def token_id(token):  # None for no token or one the vocab lacks
+            return self.hf.token_to_id(token) if token else None
+
+        self.bos_id, self.eos_id, pad_id = token_id(bos), token_id(eos), token_id(pad)
+        if self.bos_id is None or self.eos_id is None:
             raise ValueError(f"tokenizer {self.path}: no bos/eos token (tokenizer_config.json bos_token={bos!r}, "
                              f"eos_token={eos!r}, and none of {HF_BOS_EOS_NAMES} in the vocab)")
-        self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
         # no pad token (LLaMA's case): pad with eos, which the loss mask hides anyway
-        self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else self.eos_id
+        self.pad_id = pad_id if pad_id is not None else self.eos_id
 
     def _init_tiktoken_name(self, name):
         import tiktoken
