@@ -252,7 +252,7 @@ def summary_table(m, title):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    init_from = "out/arith_baseline"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt) or Meta dir
+    init_from = "out/arith_baseline"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt), Meta or HF dir
     data_dir = "data/arith"  # prepared dataset (meta.json names the tokenizer and the verifier)
     split = "test"  # which split's problems and token data
     n_problems = None  # None = every problem of the split, else the first n_problems

@@ -1,6 +1,7 @@
 """
 Export any stage's checkpoint as a Meta-format directory that Meta's own MTP loader (and
-`Transformer.from_pretrained`) reads as-is:
+`Transformer.from_pretrained`) reads as-is (format='meta', the default), or as a Hugging Face
+LLaMA directory (format='hf', below):
 
     out_dir/consolidated.pth   Meta's keys only (no value head, no optimizer), contiguous, in `dtype`
     out_dir/params.json        Meta's fields: dim, n_layers, n_heads, n_kv_heads, vocab_size,
@@ -10,11 +11,25 @@ Export any stage's checkpoint as a Meta-format directory that Meta's own MTP loa
                                without the `value_head.` prefix (norm.weight, fc1.weight, fc1.bias,
                                fc2.weight, fc2.bias), always float32. Meta's loader never reads it.
 
+format='hf': trunk + head 0 as the standard LLaMA that `transformers.LlamaForCausalLM.from_pretrained`
+loads (its logits are head 0's), and the rest beside it for this repo's loader:
+
+    out_dir/config.json              LlamaForCausalLM's config (untied embeddings, rope_theta/rope_scaling)
+    out_dir/model.safetensors        trunk + head 0 with HF's key names and q/k row order, in `dtype`
+    out_dir/wmtp_heads.safetensors   heads 1..n-1 (extra_heads.*, this repo's names) and the value head
+                                     (value_head.*, float32), when there are any; transformers ignores it
+    out_dir/tokenizer.model or tokenizer.json (+ tokenizer_config.json, special_tokens_map.json): the
+                                     run's tokenizer files, copied
+
+`Transformer.load(out_dir)` reads such a directory back with all its heads. The source may also be
+a Hugging Face directory (e.g. to convert it to Meta's format).
+
 Usage (from the repo root):
 
     python export.py --ckpt=out-verifiable --out_dir=export/verifiable   # a run dir: best.pt > final.pt > ckpt.pt
     python export.py --ckpt=out-critic/final.pt --out_dir=export/critic --dtype=float32
     python export.py --ckpt=export/verifiable --out_dir=export/verifiable-fp16 --dtype=float16   # re-export a Meta dir
+    python export.py --ckpt=out/hf_1b_baseline --out_dir=export/hf_1b --format=hf       # for transformers, vLLM, ...
 
 Loading an export again, value head included:
 
@@ -37,13 +52,15 @@ import shutil
 
 import torch
 
+import hf
 from model import ModelArgs, Transformer, ValueHead, meta_weights_path, resolve_checkpoint
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, tokenizer_file_in
 
 # -----------------------------------------------------------------------------
 # settings: python export.py [config.py] [--key=value ...]
 ckpt = "out"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt, as Transformer.load), or Meta dir
-out_dir = "out-meta"  # the Meta-format directory to write
+out_dir = "out-meta"  # the directory to write
+format = "meta"  # 'meta': params.json + consolidated.pth (Meta's MTP loader) | 'hf': LlamaForCausalLM directory
 dtype = "bfloat16"  # 'bfloat16' (Meta's release dtype) | 'float32' | 'float16'; the value head stays float32
 tokenizer = None  # tokenizer file to copy; None: the checkpoint's data.tokenizer (a Meta dir: its own); '': none
 overwrite = False  # replace an existing non-empty out_dir
@@ -53,6 +70,10 @@ overwrite = False  # replace an existing non-empty out_dir
 def read_source(src: str):
     """-> (state dict without value head, ModelArgs, value head state dict or None, info dict).
     Tensors are memory-mapped, not read, so a 7B checkpoint costs no extra RAM here."""
+    if os.path.isdir(src) and not os.path.isfile(os.path.join(src, "params.json")):  # a Hugging Face directory
+        params, state_dict, value_head = hf.read_dir(src)
+        info = {"stage": "hf", "iter": None, "tokenizer": tokenizer_file_in(src)}
+        return state_dict, ModelArgs.from_dict(params, source=src), value_head or None, info
     if os.path.isdir(src):  # a Meta directory (e.g. an earlier export, re-exported in another dtype)
         with open(os.path.join(src, "params.json")) as f:
             params = json.load(f)
@@ -99,18 +120,54 @@ def to_compact(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def meta_params(args: ModelArgs) -> dict:
-    """params.json with exactly Meta's field names (see the module docstring for what is left out)."""
-    return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-            "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
-            "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps,
-            "rope_theta": args.rope_theta, "n_future_tokens": args.n_future_tokens}
+    """params.json with exactly Meta's field names (see the module docstring for what is left out).
+    A LLaMA-3.1-scaled RoPE adds Meta's `use_scaled_rope` and this repo's `rope_scaling` (its values)."""
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
+              "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta, "n_future_tokens": args.n_future_tokens}
+    if args.rope_scaling:
+        params.update(use_scaled_rope=True, rope_scaling=dict(args.rope_scaling))
+    return params
+
+
+def tokenizer_files(tok: Tokenizer) -> dict:
+    """{name in the export: source file}: a tokenizer.model as tokenizer.model; a Hugging Face
+    tokenizer.json as tokenizer.json with the files beside it that name its special tokens."""
+    if tok.kind != "tokenizers":
+        return {"tokenizer.model": tok.path}
+    files = {"tokenizer.json": tok.path}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(os.path.dirname(os.path.abspath(tok.path)), name)
+        if os.path.isfile(path):
+            files[name] = path
+    return files
+
+
+def write_hf(out: str, consolidated: dict, args: ModelArgs, value_head, torch_dtype, tok) -> int:
+    """model.safetensors (trunk + head 0 in HF's layout), wmtp_heads.safetensors (heads 1..n-1 and the
+    value head, this repo's names) and config.json into `out`; returns the number of HF tensors."""
+    from safetensors.torch import save_file
+    trunk_and_head0 = {k: v for k, v in consolidated.items() if not k.startswith("extra_heads.")}
+    hf_sd = hf.to_hf_state_dict(trunk_and_head0, args)
+    save_file(hf_sd, os.path.join(out, hf.WEIGHTS_FILE), metadata={"format": "pt"})
+    heads = {k: v for k, v in consolidated.items() if k.startswith("extra_heads.")}
+    heads.update({f"value_head.{k}": to_compact(v, torch.float32) for k, v in (value_head or {}).items()})
+    if heads:
+        save_file(heads, os.path.join(out, hf.HEADS_FILE), metadata={"format": "pt"})
+    config = hf.config_from_args(args, torch_dtype, tok.bos_id if tok else None, tok.eos_id if tok else None)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return len(hf_sd)
 
 
 def export_checkpoint(ckpt_path: str, out_dir: str, dtype="bfloat16", tokenizer_path=None,
-                      overwrite: bool = False) -> str:
-    """Write the Meta-format directory of a checkpoint file, run dir or Meta dir; returns out_dir.
-    tokenizer_path: None = the checkpoint's data.tokenizer (a Meta dir: its tokenizer.model);
-    '' = export without a tokenizer."""
+                      overwrite: bool = False, format: str = "meta") -> str:
+    """Write the Meta-format (format='meta') or Hugging Face (format='hf') directory of a checkpoint
+    file, run dir, Meta dir or HF dir; returns out_dir. tokenizer_path: None = the checkpoint's
+    data.tokenizer (a Meta or HF dir: its own); '' = export without a tokenizer."""
+    if format not in ("meta", "hf"):
+        raise ValueError(f"format {format!r}: use 'meta' or 'hf'")
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else {
         "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.get(dtype)
     if torch_dtype not in (torch.bfloat16, torch.float32, torch.float16):
@@ -135,16 +192,22 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype="bfloat16", tokenizer_
         check_state_dict(value_head, expected_vh, f"{src} (value head)")
 
     tok_path = info["tokenizer"] if tokenizer_path is None else tokenizer_path
+    tok = None
     if tok_path:
         if not os.path.isfile(tok_path):
             raise FileNotFoundError(f"tokenizer {tok_path} not found (pass --tokenizer=path, or --tokenizer='' "
                                     f"to export without one)")
-        n_words = Tokenizer(tok_path).n_words
-        if n_words != args.vocab_size:
-            raise ValueError(f"tokenizer {tok_path} has {n_words} words but the model's vocab_size is "
+        tok = Tokenizer(tok_path)
+        if format == "meta" and tok.n_words != args.vocab_size:
+            raise ValueError(f"tokenizer {tok_path} has {tok.n_words} words but the model's vocab_size is "
                              f"{args.vocab_size}; Meta's loader sizes the model from the tokenizer, so they must agree")
+        if tok.n_words > args.vocab_size:
+            raise ValueError(f"tokenizer {tok_path} has {tok.n_words} words but the model's vocab_size is only "
+                             f"{args.vocab_size}: not this model's tokenizer")
     else:
-        print(f"warning: no tokenizer for {src}; {out_dir} will have no tokenizer.model")
+        print(f"warning: no tokenizer for {src}; {out_dir} will have no tokenizer file")
+    tok_files = tokenizer_files(tok) if tok else {}
+    n_hf_tensors = 0
 
     consolidated = {}
     for k in expected:  # Meta's key order
@@ -162,14 +225,17 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype="bfloat16", tokenizer_
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        torch.save(consolidated, os.path.join(tmp, "consolidated.pth"))
-        with open(os.path.join(tmp, "params.json"), "w") as f:
-            json.dump(meta_params(args), f)
-        if value_head is not None:
-            torch.save({k: to_compact(v, torch.float32) for k, v in value_head.items()},
-                       os.path.join(tmp, "value_head.pth"))
-        if tok_path:
-            shutil.copyfile(tok_path, os.path.join(tmp, "tokenizer.model"))
+        if format == "hf":
+            n_hf_tensors = write_hf(tmp, consolidated, args, value_head, torch_dtype, tok)
+        else:
+            torch.save(consolidated, os.path.join(tmp, "consolidated.pth"))
+            with open(os.path.join(tmp, "params.json"), "w") as f:
+                json.dump(meta_params(args), f)
+            if value_head is not None:
+                torch.save({k: to_compact(v, torch.float32) for k, v in value_head.items()},
+                           os.path.join(tmp, "value_head.pth"))
+        for name, path in tok_files.items():
+            shutil.copyfile(path, os.path.join(tmp, name))
         written = sorted(os.listdir(tmp))
         for fname in written:  # on disk before the rename makes the export visible
             with open(os.path.join(tmp, fname), "rb") as f:
@@ -190,14 +256,19 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype="bfloat16", tokenizer_
         raise
 
     print(f"exported {src} (stage {info['stage']}, iter {info['iter']}) to {out_dir}:")
+    dtype_name = str(torch_dtype).replace("torch.", "")
+    n_params = sum(v.numel() for v in consolidated.values()) / 1e6
     for fname in written:
         size = os.path.getsize(os.path.join(out_dir, fname)) / 2**20
-        what = {"consolidated.pth": f"{len(consolidated)} tensors, {str(torch_dtype).replace('torch.', '')}, "
-                                    f"{sum(v.numel() for v in consolidated.values()) / 1e6:.2f}M params",
+        what = {"consolidated.pth": f"{len(consolidated)} tensors, {dtype_name}, {n_params:.2f}M params",
                 "params.json": json.dumps(meta_params(args)),
                 "value_head.pth": f"{len(value_head or {})} tensors, float32 (keys without 'value_head.')",
-                "tokenizer.model": f"copy of {tok_path}"}[fname]
-        print(f"  {fname:<17} {size:9.2f} MiB  {what}")
+                "config.json": "LlamaForCausalLM config (trunk + head 0)",
+                hf.WEIGHTS_FILE: f"{n_hf_tensors} tensors, {dtype_name}, trunk + head 0 (HF names)",
+                hf.HEADS_FILE: f"{args.n_future_tokens - 1} extra heads, {'a' if value_head else 'no'} value head "
+                               f"(float32), this repo's names",
+                }.get(fname, f"copy of {tok_files.get(fname)}")
+        print(f"  {fname:<23} {size:9.2f} MiB  {what}")
     return out_dir
 
 
@@ -205,6 +276,6 @@ if __name__ == "__main__":
     from data.format import fail
     exec(open("configurator.py").read())
     try:
-        export_checkpoint(ckpt, out_dir, dtype, tokenizer, overwrite)
+        export_checkpoint(ckpt, out_dir, dtype, tokenizer, overwrite, format)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         fail(e)

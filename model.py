@@ -14,8 +14,10 @@ Models via Multi-token Prediction"). The memory-efficient training step (forward
 the paper's sequential head backward: the n heads' (B, S, V) logits never exist at once.
 """
 
+import copy
 import dataclasses
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, fields
@@ -25,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hf
 from tokenizer import Tokenizer
 
 # which file of a run directory Transformer.load picks
@@ -32,15 +35,16 @@ CHECKPOINT_PREFERENCE = ("best.pt", "final.pt", "ckpt.pt")
 
 
 def resolve_checkpoint(path: str) -> str:
-    """What Transformer.load reads for `path`: a Meta directory as is, a run directory's
-    best.pt > final.pt > ckpt.pt, or the file itself. One-line FileNotFoundError otherwise."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "params.json")):
+    """What Transformer.load reads for `path`: a Meta directory (params.json) or a Hugging Face
+    directory (config.json) as is, a run directory's best.pt > final.pt > ckpt.pt, or the file
+    itself. One-line FileNotFoundError otherwise."""
+    if os.path.isdir(path) and (os.path.isfile(os.path.join(path, "params.json")) or hf.is_hf_dir(path)):
         return path
     if os.path.isdir(path):
         found = [os.path.join(path, n) for n in CHECKPOINT_PREFERENCE if os.path.isfile(os.path.join(path, n))]
         if not found:
-            raise FileNotFoundError(f"{path}: neither a Meta directory (params.json) nor a run directory "
-                                    f"({', '.join(CHECKPOINT_PREFERENCE)})")
+            raise FileNotFoundError(f"{path}: neither a Meta directory (params.json), a Hugging Face directory "
+                                    f"(config.json) nor a run directory ({', '.join(CHECKPOINT_PREFERENCE)})")
         return found[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -87,6 +91,10 @@ class ModelArgs:
     rope_theta: float = 10000.0
     n_future_tokens: int = 1
     max_seq_len: int = 2048  # RoPE table covers 2 * max_seq_len positions, as in Meta's code
+    # LLaMA-3.1's long-context RoPE, as Hugging Face's config.json states it: {"rope_type": "llama3",
+    # "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None: plain
+    # RoPE. Meta's params.json says "use_scaled_rope": true for Meta's values (META_LLAMA3_ROPE_SCALING)
+    rope_scaling: Optional[dict] = None
     # not in Meta's params.json: embedding and output rows rounded up to a multiple of this, so the
     # output matmul has tensor-core friendly shapes; the padded ids' logits are -inf (never
     # predicted, zero gradient) and export.py drops the rows. 1: exactly vocab_size rows.
@@ -96,9 +104,12 @@ class ModelArgs:
     def from_dict(cls, d: dict, source: str = "params") -> "ModelArgs":
         """Build from a params.json dict; keys this model does not use are ignored with a warning."""
         known = {f.name for f in fields(cls)}
-        ignored = sorted(k for k in d if k not in known and k != "max_batch_size")
+        ignored = sorted(k for k in d if k not in known and k not in ("max_batch_size", "use_scaled_rope"))
         if ignored:
             warnings.warn(f"{source}: ignoring keys this model does not use: {ignored}")
+        d = dict(d)
+        if d.get("use_scaled_rope") and not d.get("rope_scaling"):  # Meta's LLaMA-3.1 params.json
+            d["rope_scaling"] = dict(META_LLAMA3_ROPE_SCALING)
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def __post_init__(self):
@@ -111,6 +122,13 @@ class ModelArgs:
             raise ValueError(f"n_future_tokens={self.n_future_tokens} must be in [1, n_layers={self.n_layers}]")
         if not isinstance(self.pad_vocab_multiple, int) or self.pad_vocab_multiple < 1:
             raise ValueError(f"pad_vocab_multiple={self.pad_vocab_multiple!r} must be an integer >= 1")
+        if self.rope_scaling is not None:
+            r = self.rope_scaling
+            keys = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            if (not isinstance(r, dict) or r.get("rope_type") != "llama3" or any(k not in r for k in keys)
+                    or not r["high_freq_factor"] > r["low_freq_factor"]):
+                raise ValueError(f"rope_scaling={r!r}: use None or a dict of {keys} with rope_type 'llama3' "
+                                 f"and high_freq_factor > low_freq_factor")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -131,6 +149,11 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
+# Meta's LLaMA-3.1 values (llama3's apply_scaling), what "use_scaled_rope": true in params.json means
+META_LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}
+
+
 # -----------------------------------------------------------------------------
 # building blocks
 
@@ -146,10 +169,30 @@ class RMSNorm(nn.Module):
         return x_normed.type_as(x) * self.weight
 
 
-def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
-    """Meta's complex rotation table: freqs_cis[p, i] = exp(1j * p * theta^(-2i/head_dim)), (end, head_dim/2)."""
+def llama3_scaled_freqs(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """LLaMA-3.1's RoPE scaling (Meta's apply_scaling = HF's _compute_llama3_parameters): frequencies
+    whose wavelength exceeds original_max_position_embeddings / low_freq_factor are divided by
+    `factor`, those shorter than original / high_freq_factor are kept, and those between are
+    interpolated smoothly between the two. freqs: (head_dim/2,) fp32 -> (head_dim/2,) fp32."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / factor, freqs)
+    smooth = (old_context_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0,
+                         rope_scaling: Optional[dict] = None) -> torch.Tensor:
+    """Meta's complex rotation table: freqs_cis[p, i] = exp(1j * p * f_i), (end, head_dim/2), with
+    f_i = theta^(-2i/head_dim), LLaMA-3.1-scaled when rope_scaling is given (ModelArgs.rope_scaling)."""
     # always on the CPU in fp32 (also when the model itself is being built on the meta device)
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu")[: head_dim // 2].float() / head_dim))
+    if rope_scaling is not None:
+        freqs = llama3_scaled_freqs(freqs, rope_scaling)
     t = torch.arange(end, dtype=torch.float32, device="cpu")
     freqs = torch.outer(t, freqs)  # (end, head_dim/2)
     return torch.polar(torch.ones_like(freqs), freqs)  # complex64
@@ -325,7 +368,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.value_head = ValueHead(args.dim, args.norm_eps) if value_head else None
         # RoPE table as (cos, sin) in fp32; a plain attribute (not a buffer) so .to(bf16) never rounds it
-        self.rope = torch.view_as_real(precompute_freqs_cis(args.head_dim, 2 * args.max_seq_len, args.rope_theta))
+        self.rope = torch.view_as_real(precompute_freqs_cis(args.head_dim, 2 * args.max_seq_len, args.rope_theta,
+                                                            args.rope_scaling))
         self._vocab_bias = None  # (Vp,) 0 for real ids, -inf for padded ones; built on first use
         self._set_vocab_rows(args.padded_vocab_size)  # after the unpadded constructors: same random draws
         self.apply(self._init_weights)
@@ -358,6 +402,18 @@ class Transformer(nn.Module):
                 module.weight = nn.Parameter(new, requires_grad=w.requires_grad)
         self.tok_embeddings.num_embeddings = self.output.out_features = rows
         self._vocab_bias = None
+
+    def set_n_future_tokens(self, n: int) -> "Transformer":
+        """Give the model n heads. New heads start as copies of head 0 (for a plain LLaMA: its last
+        block), so head 0's logits stay exactly those of the source; n below the current number
+        keeps heads 0..n-1. Call before the optimizer is built: blocks are added or removed."""
+        old = self.n_future_tokens
+        self.args = dataclasses.replace(self.args, n_layers=self.args.n_layers + n - old, n_future_tokens=n)
+        for _ in range(n - old):
+            self.extra_heads.append(copy.deepcopy(self.layers[-1]))  # own weights (a copy), trained separately
+        del self.extra_heads[n - 1:]
+        self.n_future_tokens = n
+        return self
 
     def add_value_head(self):
         """Attach a freshly initialised fp32 value head (e.g. after loading a Meta checkpoint)."""
@@ -676,10 +732,37 @@ class Transformer(nn.Module):
             model.add_value_head()
         return model
 
+    @classmethod
+    def from_hf(cls, path: str, device="cpu", dtype=torch.bfloat16, value_head: Optional[bool] = False,
+                max_seq_len: Optional[int] = None) -> "Transformer":
+        """Load a Hugging Face LLaMA directory (config.json + safetensors, hf.py): one head, unless it
+        is an export of this repo with heads 1..n-1 in hf.HEADS_FILE. Weights are memory-mapped and
+        handed to a model built on the meta device (copies only where HF's layout differs: wq, wk
+        and a tied output); they end up in `dtype` (None: as stored). max_seq_len: default
+        max_position_embeddings. value_head as in from_pretrained (from hf.HEADS_FILE)."""
+        params, state_dict, value_sd = hf.read_dir(path)
+        if max_seq_len is not None:
+            params["max_seq_len"] = max_seq_len
+        args = ModelArgs.from_dict(params, source=os.path.join(path, "config.json"))
+        with torch.device("meta"):
+            model = cls(args, value_head=False)
+        model.load_weights(state_dict, source=path, allow_missing_value_head=False, assign=True,
+                           shape_hint=f"shapes do not match config.json (and {hf.HEADS_FILE})")
+        model.to(device=device, dtype=dtype)
+        if value_head is not False and value_sd:
+            model.set_value_head(value_sd, source=os.path.join(path, hf.HEADS_FILE))
+        elif value_head:
+            model.add_value_head()
+        return model
+
     def load_value_head(self, path: str):
         """Attach a value_head.pth (ValueHead state dict, keys without the 'value_head.' prefix);
         adds a value head if there is none; it stays fp32."""
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        return self.set_value_head(torch.load(path, map_location="cpu", weights_only=True), source=path)
+
+    def set_value_head(self, state_dict: dict, source: str):
+        """Attach a ValueHead state dict (keys without the 'value_head.' prefix) read from `source`;
+        adds a value head if there is none; it stays fp32."""
         if self.value_head is None:
             self.add_value_head()
         own = self.value_head.state_dict()
@@ -687,23 +770,31 @@ class Transformer(nn.Module):
         bad = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
                if k in state_dict and state_dict[k].shape != own[k].shape]
         if missing or unexpected or bad:
-            raise ValueError(f"{path}: not a value head of this model: missing {missing}, unexpected {unexpected}, "
+            raise ValueError(f"{source}: not a value head of this model: missing {missing}, unexpected {unexpected}, "
                              f"shape mismatches {bad}")
         self.value_head.load_state_dict(state_dict)
         self.value_head.float()
         return self
 
     @classmethod
-    def load(cls, path: str, device="cpu", dtype=torch.float32, value_head: Optional[bool] = None) -> "Transformer":
-        """Load any model this repo knows: a Meta-format directory, a stage checkpoint file
-        (`ckpt.pt`, `best.pt`, `final.pt`), or a stage's out_dir (best.pt, else final.pt, else ckpt.pt).
+    def load(cls, path: str, device="cpu", dtype=torch.float32, value_head: Optional[bool] = None,
+             n_future_tokens: Optional[int] = None) -> "Transformer":
+        """Load any model this repo knows: a Meta-format directory, a Hugging Face LLaMA directory,
+        a stage checkpoint file (`ckpt.pt`, `best.pt`, `final.pt`), or a stage's out_dir (best.pt,
+        else final.pt, else ckpt.pt).
         value_head=None keeps the checkpoint's value head (if any); True adds a fresh one if missing;
         False drops it. The value head stays fp32 whatever `dtype` is. dtype=None keeps every
         weight as stored: on the CPU the weights then stay memory-mapped from the file (no copy;
-        train_common.place_model converts them one at a time on their way to the GPU)."""
+        train_common.place_model converts them one at a time on their way to the GPU).
+        n_future_tokens: None keeps the source's heads; n gives exactly n heads (set_n_future_tokens:
+        added heads are copies of head 0, so head 0's logits equal the source's)."""
+        if n_future_tokens is not None:  # the source's model, then its heads set
+            model = cls.load(path, device=device, dtype=dtype, value_head=value_head)
+            return model if model.n_future_tokens == n_future_tokens else model.set_n_future_tokens(n_future_tokens)
         path = resolve_checkpoint(path)
         if os.path.isdir(path):
-            return cls.from_pretrained(path, device=device, dtype=dtype, value_head=value_head)
+            loader = cls.from_pretrained if os.path.isfile(os.path.join(path, "params.json")) else cls.from_hf
+            return loader(path, device=device, dtype=dtype, value_head=value_head)
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as e:  # noqa: BLE001  (a truncated or foreign file)

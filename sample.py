@@ -5,8 +5,9 @@ Sample from a trained model, or decode greedily with the MTP heads as their own 
     python sample.py --init_from=out/arith_baseline/best.pt --start=FILE:prompts.txt --temperature=0
     python sample.py --init_from=/models/7B_1T_4 --start="def fib(n):" --speculative=True --max_new_tokens=256
 
-init_from is a checkpoint file, a run directory (best.pt > final.pt > ckpt.pt) or a Meta-format
-directory (params.json + consolidated.pth + tokenizer.model), anything `Transformer.load` reads.
+init_from is a checkpoint file, a run directory (best.pt > final.pt > ckpt.pt), a Meta-format
+directory (params.json + consolidated.pth + tokenizer.model) or a Hugging Face LLaMA directory
+(config.json + *.safetensors + tokenizer.model or tokenizer.json), anything `Transformer.load` reads.
 
 speculative=True is the self-speculative greedy decoding of the MTP paper (Gloeckle et al. 2024,
 sec. 3.2): heads 1..n-1 propose the next n-1 tokens, head 0 checks all of them in one forward,
@@ -23,7 +24,7 @@ import torch
 import ddp_utils
 from data.format import fail
 from model import Transformer
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, tokenizer_file_in
 
 # -----------------------------------------------------------------------------
 # helpers shared with eval.py
@@ -35,8 +36,9 @@ def resolve_init(init_from):
     Transformer.load does."""
     from model import resolve_checkpoint
     path = resolve_checkpoint(init_from)
-    if os.path.isdir(path):  # a Meta directory
-        return path, None, {"data": {}, "stage": "meta", "iter": None}
+    if os.path.isdir(path):  # a Meta or Hugging Face directory
+        stage = "meta" if os.path.isfile(os.path.join(path, "params.json")) else "hf"
+        return path, None, {"data": {}, "stage": stage, "iter": None}
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: weights are not read
     except Exception as e:  # noqa: BLE001  (a truncated or foreign file)
@@ -151,8 +153,8 @@ def _sync(device):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    init_from = "out/arith_baseline"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt) or Meta dir
-    tokenizer = ""  # tokenizer file; "": the checkpoint's data tokenizer, or a Meta dir's tokenizer.model
+    init_from = "out/arith_baseline"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt), Meta or HF dir
+    tokenizer = ""  # tokenizer file; "": the checkpoint's data tokenizer, or a Meta/HF dir's own tokenizer file
     start = "Compute: 3 + 4 * (12 - 5)\n"  # prompt, or "FILE:path" with one prompt per line ("\\n" = newline)
     num_samples = 3  # samples per prompt (speculative: greedy, so one)
     max_new_tokens = 128  # new tokens per sample
@@ -173,8 +175,8 @@ if __name__ == "__main__":
         load_path, ckpt_file, info = resolve_init(init_from)
         data_info = info["data"]
         if not tokenizer:
-            if ckpt_file is None:
-                tokenizer = os.path.join(init_from, "tokenizer.model")
+            if ckpt_file is None:  # the directory's tokenizer.model, else its tokenizer.json
+                tokenizer = tokenizer_file_in(load_path) or os.path.join(load_path, "tokenizer.model")
             else:
                 tokenizer = find_file(data_info.get("tokenizer"), os.path.dirname(ckpt_file), data_info.get("dir", ""))
                 if tokenizer is None:

@@ -1,11 +1,13 @@
 """
-One Tokenizer for the two kinds of model this repo fine-tunes:
+One Tokenizer for the kinds of model this repo fine-tunes:
 - sentencepiece `tokenizer.model` (LLaMA-2 and Meta's MTP checkpoints, and data/arith's own),
 - tiktoken BPE files (LLaMA-3's `tokenizer.model`: text lines `base64token rank`), with
   LLaMA-3's pattern and its 256 special tokens, or a tiktoken encoding name ("cl100k_base")
-  whose file is already in tiktoken's local cache (nothing is ever downloaded).
-The kind is detected from the file's content, never from its name: both kinds are called
-`tokenizer.model`.
+  whose file is already in tiktoken's local cache (nothing is ever downloaded),
+- Hugging Face `tokenizer.json` (the `tokenizers` package), for a Hugging Face directory that
+  has no tokenizer.model; bos/eos/pad come from the `tokenizer_config.json` beside it.
+The kind is detected from the file's content, never from its name: both of the first kinds are
+called `tokenizer.model`. A directory stands for its tokenizer.model, else its tokenizer.json.
 
     tok = Tokenizer("data/arith/tokenizer.model")
     ids = tok.encode("Compute: 1 + 2\n", bos=True, eos=False)
@@ -16,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import io
+import json
 import os
 import tempfile
 
@@ -37,6 +40,9 @@ LLAMA3_SPECIAL_TOKENS = [
     "<|eot_id|>",  # end of turn
 ] + [f"<|reserved_special_token_{i}|>" for i in range(5, LLAMA3_NUM_RESERVED_SPECIAL_TOKENS - 5)]
 LLAMA3_PAD_TOKEN = "<|reserved_special_token_2|>"
+
+# a tokenizer.json without a tokenizer_config.json naming bos/eos: the first pair found in the vocab
+HF_BOS_EOS_NAMES = [("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>"), ("<|endoftext|>", "<|endoftext|>")]
 
 # tiktoken's blob URLs and sha256 per encoding name (from tiktoken_ext/openai_public.py), so that
 # we can check the local cache ourselves and never let tiktoken start a download
@@ -134,11 +140,37 @@ def split_whitespaces_or_nonwhitespaces(s, max_len):
     yield s[start:]
 
 
+def tokenizer_file_in(directory):
+    """A model directory's tokenizer file: tokenizer.model (sentencepiece or tiktoken), else
+    tokenizer.json (Hugging Face), else None."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return None
+
+
+def hf_special_token(directory, name):
+    """The `name` ('bos_token', 'eos_token', 'pad_token') string of a tokenizer.json's directory,
+    from tokenizer_config.json or special_tokens_map.json (a string or {"content": ...}), or None."""
+    for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(directory, fname)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f).get(name)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value:
+                return value
+    return None
+
+
 class Tokenizer:
     """Encode/decode with bos/eos/pad ids; special-token strings inside text stay plain text."""
 
     def __init__(self, path):
         self.path = str(path)
+        if os.path.isdir(self.path) and tokenizer_file_in(self.path):
+            self.path = tokenizer_file_in(self.path)
         if os.path.isfile(self.path):
             with open(self.path, "rb") as f:
                 data = f.read()
@@ -146,12 +178,15 @@ class Tokenizer:
                 raise ValueError(f"tokenizer {self.path} is empty")
             if is_tiktoken_file(data):
                 self._init_tiktoken_file(data)
+            elif data.lstrip()[:1] == b"{":
+                self._init_hf_tokenizers(data)
             else:
                 self._init_sentencepiece(data)
         elif self.path in TIKTOKEN_BLOBS:
             self._init_tiktoken_name(self.path)
         elif os.path.exists(self.path):
-            raise ValueError(f"tokenizer {self.path} is not a file")
+            raise ValueError(f"tokenizer {self.path} is not a file (nor a directory with tokenizer.model or "
+                             f"tokenizer.json)")
         else:
             raise FileNotFoundError(f"tokenizer {self.path}: no such file, and not a tiktoken encoding "
                                     f"name ({', '.join(TIKTOKEN_BLOBS)})")
@@ -189,6 +224,34 @@ class Tokenizer:
         # an id no text encodes to; LLaMA-3.1 uses this same id (128004) for right padding
         self.pad_id = self.special_tokens[LLAMA3_PAD_TOKEN]
 
+    def _init_hf_tokenizers(self, data):
+        from tokenizers import Tokenizer as HFTokenizer
+        self.kind = "tokenizers"
+        try:
+            self.hf = HFTokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # noqa: BLE001  (invalid JSON or not a tokenizers file)
+            raise ValueError(f"tokenizer {self.path} is not a Hugging Face tokenizer.json "
+                             f"({' '.join(str(e).splitlines())[:200]})") from None
+        self.hf.encode_special_tokens = True  # `<|...|>` inside text is plain text, as for the other kinds
+        self.n_words = self.hf.get_vocab_size(with_added_tokens=True)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        bos, eos = hf_special_token(directory, "bos_token"), hf_special_token(directory, "eos_token")
+        if bos is None and eos is None:
+            bos, eos = next(((b, e) for b, e in HF_BOS_EOS_NAMES if self.hf.token_to_id(b) is not None
+                             and self.hf.token_to_id(e) is not None), (None, None))
+        bos = bos or eos  # a model with one document separator (no bos of its own) uses it for both
+        pad = hf_special_token(directory, "pad_token")
+
+        def token_id(token):  # None for no token or one the vocab lacks
+            return self.hf.token_to_id(token) if token else None
+
+        self.bos_id, self.eos_id, pad_id = token_id(bos), token_id(eos), token_id(pad)
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError(f"tokenizer {self.path}: no bos/eos token (tokenizer_config.json bos_token={bos!r}, "
+                             f"eos_token={eos!r}, and none of {HF_BOS_EOS_NAMES} in the vocab)")
+        # no pad token (LLaMA's case): pad with eos, which the loss mask hides anyway
+        self.pad_id = pad_id if pad_id is not None else self.eos_id
+
     def _init_tiktoken_name(self, name):
         import tiktoken
         for url, sha256 in TIKTOKEN_BLOBS[name]:
@@ -215,6 +278,8 @@ class Tokenizer:
         assert isinstance(text, str)
         if self.kind == "sentencepiece":
             ids = self.sp.encode(text)
+        elif self.kind == "tokenizers":
+            ids = self.hf.encode(text, add_special_tokens=False).ids  # bos/eos only as asked for below
         else:
             ids = []
             for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
@@ -233,6 +298,8 @@ class Tokenizer:
         ids = [i for i in ids if i not in self.drop_ids]
         if self.kind == "sentencepiece":
             return self.sp.decode(ids)
+        if self.kind == "tokenizers":
+            return self.hf.decode(ids, skip_special_tokens=False)
         return self.enc.decode(ids)
 
     def __repr__(self):

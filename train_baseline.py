@@ -33,7 +33,7 @@ from weighting import shift_to_heads
 # settings (override with a config file and --key=value)
 # I/O
 out_dir = "out/baseline"
-init_from = "scratch"  # 'scratch' | 'resume' | 's3://bucket/prefix' | Meta dir | checkpoint file or run dir
+init_from = "scratch"  # 'scratch' | 'resume' | 's3://bucket/prefix' | Meta or HF dir | checkpoint file or run dir
 eval_interval = 100  # iterations between validations (and checkpoints)
 log_interval = 10  # iterations between log lines
 eval_only = False  # evaluate init_from once, log, exit
@@ -44,7 +44,7 @@ balance_correct = False  # sample correct/incorrect rows at correct_ratio
 correct_ratio = 0.5  # fraction of correct rows when balance_correct (1.0: correct only)
 max_length = 256  # tokens per row; longer rows are cut or dropped (see overflow)
 overflow = "truncate"  # 'truncate' (cut the completion) | 'drop'
-# model (init_from='scratch' only; otherwise the checkpoint's)
+# model (init_from='scratch' only; otherwise the checkpoint's, except n_future_tokens below)
 dim = 128
 n_layers = 5  # trunk + heads: layers[:-1] is the trunk, then n_future_tokens head blocks
 n_heads = 4
@@ -53,7 +53,7 @@ multiple_of = 32
 ffn_dim_multiplier = None
 norm_eps = 1e-5
 rope_theta = 10000.0
-n_future_tokens = 4
+n_future_tokens = 4  # heads; also given to a one-head init_from (an HF LLaMA): copies of its last block
 max_seq_len = 256
 # training
 trainable = "all"  # 'all' | 'heads' (trunk frozen)
@@ -109,7 +109,7 @@ model_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n
                        multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier, norm_eps=norm_eps,
                        rope_theta=rope_theta, n_future_tokens=n_future_tokens, max_seq_len=max_seq_len)
 model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=False, pad_vocab_multiple=pad_vocab_multiple,
-                              model_args=model_args, seed=seed)
+                              model_args=model_args, seed=seed, n_future_tokens=n_future_tokens)
 n = model.n_future_tokens
 tc.set_trainable(model, trainable)
 ddp_utils.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated

@@ -72,14 +72,18 @@ def build_data(data_dir, ctx, batch_size, max_length, overflow, seed, n_samples=
 # -----------------------------------------------------------------------------
 # model
 
-def init_model(init_from, ctx, meta: dict, out_dir, value_head, pad_vocab_multiple: int, model_args=None, seed=0):
+def init_model(init_from, ctx, meta: dict, out_dir, value_head, pad_vocab_multiple: int, model_args=None, seed=0,
+               n_future_tokens=None):
     """The model named by init_from, on the CPU, and the checkpoint to resume from (or None).
     Loaded weights stay as stored, memory-mapped (ddp_utils.place_model converts them one at a time).
 
     init_from: 'scratch' (a new model of `model_args`, a ModelArgs, initialised from `seed`: only the
     scripts that can build one pass it), 'resume' (out_dir/ckpt.pt, exact continuation),
-    's3://bucket/prefix' (the manifest's latest checkpoint, then as 'resume'), a Meta directory, or
-    a checkpoint file / run directory of any stage (weights only, new run).
+    's3://bucket/prefix' (the manifest's latest checkpoint, then as 'resume'), a Meta directory, a
+    Hugging Face LLaMA directory, or a checkpoint file / run directory of any stage (weights only,
+    new run). n_future_tokens (train_baseline.py passes its setting): a plain next-token source (one
+    head: any Hugging Face LLaMA, a LLaMA-2 Meta directory) gets that many heads, head 0 its own
+    last block and heads 1.. copies of it; an MTP source keeps its heads.
     value_head: True (add a fresh one if missing), False (drop), None (as in the checkpoint)."""
     resume = None
     try:
@@ -106,6 +110,8 @@ def init_model(init_from, ctx, meta: dict, out_dir, value_head, pad_vocab_multip
             model = Transformer.from_checkpoint(resume, dtype=None, value_head=value_head, source=path)
         else:
             model = Transformer.load(init_from, device="cpu", dtype=None, value_head=value_head)
+            if model.n_future_tokens == 1 and (n_future_tokens or 1) > 1:
+                model.set_n_future_tokens(n_future_tokens)  # a plain LLaMA gets heads: copies of its last block
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(f"init_from={init_from!r}: {e}")
     if resume is None and model.args.pad_vocab_multiple != pad_vocab_multiple:

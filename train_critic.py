@@ -29,7 +29,7 @@ from weighting import value_loss, value_mask
 # settings (override with a config file and --key=value)
 # I/O
 out_dir = "out/critic"
-init_from = "out/base"  # the policy whose trunk the critic reads: run dir, checkpoint, Meta dir, 'resume', s3://
+init_from = "out/base"  # the policy whose trunk the critic reads: run dir, checkpoint, Meta/HF dir, 'resume', s3://
 eval_interval = 100  # iterations between validations (and checkpoints)
 log_interval = 10
 eval_only = False  # evaluate init_from once, log, exit

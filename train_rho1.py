@@ -35,8 +35,8 @@ from weighting import compute_mtp_selective_weights, n_selected, select_top_k, s
 # settings (override with a config file and --key=value)
 # I/O
 out_dir = "out/rho1"
-init_from = "out/base"  # the policy: run dir, checkpoint, Meta dir, 'resume', s3://
-ref_init_from = "out/reference"  # the frozen reference model (run dir, checkpoint or Meta dir)
+init_from = "out/base"  # the policy: run dir, checkpoint, Meta/HF dir, 'resume', s3://
+ref_init_from = "out/reference"  # the frozen reference model (run dir, checkpoint or Meta/HF dir)
 eval_interval = 100
 log_interval = 10
 eval_only = False

@@ -14,7 +14,8 @@ import torch
 
 from ddp_utils import save_checkpoint
 from export import export_checkpoint
-from model import ModelArgs, Tokenizer, Transformer
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
 
 torch.set_num_threads(2)
 
@@ -317,4 +318,4 @@ def test_interrupted_export_leaves_nothing(run, tmp_path, monkeypatch):
 def test_cli_settings(monkeypatch, capsys):
     assert run_script(["--help"], monkeypatch) == 0
     listed = [line.split("=")[0].strip() for line in capsys.readouterr().out.splitlines()[1:]]
-    assert listed == ["--ckpt", "--dtype", "--out_dir", "--overwrite", "--tokenizer"]
+    assert listed == ["--ckpt", "--dtype", "--format", "--out_dir", "--overwrite", "--tokenizer"]
