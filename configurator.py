@@ -138,8 +138,9 @@ if __name__ != "configurator":  # exec'd by a training script: override its glob
         config = {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, kinds)}
         try:
             g.update(apply_overrides(config, sys.argv[1:], verbose=os.environ.get("RANK", "0") == "0"))
-        except ConfigError as e:
-            from data.format import fail
-            fail(e)
+        except ConfigError as e:  # data.format.fail's format; this file stays standalone (no repo imports)
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "configurator"
+            print(f"{prog}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+            sys.exit(2)
     _configure(globals())
     del _configure, ConfigError, apply_overrides, _unknown_key, _parse_value, _check_type, _run_config_file
