@@ -184,8 +184,8 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
             yield collate([ds[i] for i in rows[b * batch_size:(b + 1) * batch_size]], meta["pad_id"])
             _progress("token data", b + 1, n_batches, t0, log_interval)
 
-    sums, _, v, y = eval_sums(model, batches(), device, contextlib.nullcontext(),
-                                           value=model.value_head is not None)
+    s = eval_sums(model, batches(), device, contextlib.nullcontext(), value=model.value_head is not None)
+    sums, v, y = s["heads"], s["last_v"], s["labels"]
     ce_sum, n_targets, n_correct = sums.double().cpu()  # each (n,)
     timings["val_s"] = time.time() - t0
     head_loss = (ce_sum / n_targets.clamp(min=1)).tolist()

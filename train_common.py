@@ -14,6 +14,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import ddp_utils
 from data.format import error_line, fail
@@ -182,6 +183,18 @@ def restore_state(resume: dict, optimizer, ctx, model=None) -> dict:
               "RNG not restored (data order still resumes exactly)")
     return {"iter": resume["iter"], "epoch": resume["epoch"], "sampler_pos": resume["sampler_pos"],
             "best_val_loss": resume.get("best_val_loss", float("inf"))}
+
+
+def cat_padded(tensors, length=None):
+    """The micro-batches of a step as one population: tensors (B_i, L_i, ...) zero-padded to
+    `length` (default: the longest) along dim 1 and concatenated along dim 0. split_padded undoes it."""
+    length = length or max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1])) for t in tensors])
+
+
+def split_padded(x, like):
+    """cat_padded's inverse: x (sum B_i, L, ...) back to the shapes of `like`'s (B_i, L_i, ...)."""
+    return [xi[:, :t.shape[1]] for xi, t in zip(x.split([t.shape[0] for t in like]), like)]
 
 
 # -----------------------------------------------------------------------------

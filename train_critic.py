@@ -4,8 +4,11 @@ tells good solutions from bad ones.
 
 Only the trunk runs (no head logits are computed) and it is frozen; the value head V[b,t]
 regresses the sample's reward R[b] (1 correct, 0 not) at the last prompt position and every
-completion position: loss = mean (V[b,t] - R[b])^2. Validation also reports how well V at the
-last token separates correct from incorrect samples (accuracy at 0.5 and AUC).
+completion position: loss = mean (V[b,t] - R[b])^2. value_target='prefix' trains a dense critic
+on the verifier's step labels instead: the target is 1 at the positions before the row's first
+wrong step and 0 from it on. Validation reports how well V at the last token separates correct
+from incorrect samples (accuracy at 0.5 and AUC) and, on data with step labels, how well V at
+every position separates on-track from off-track prefixes (token AUC).
 
 Single device:
     python train_critic.py config/arith_critic.py
@@ -23,7 +26,7 @@ import ddp_utils
 import train_common as tc
 from data.format import fail
 from evaluation import evaluate_all_ranks
-from weighting import value_loss, value_mask
+from weighting import on_track, value_loss, value_mask
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value)
@@ -40,6 +43,7 @@ balance_correct = True  # a critic needs both labels: sample them at correct_rat
 correct_ratio = 0.5
 max_length = 256
 overflow = "truncate"  # 'truncate' | 'drop'
+value_target = "reward"  # 'reward' (R at every position) | 'prefix' (1 before the first wrong step, 0 from it on)
 # training
 trainable = "value_head"  # 'value_head' (trunk frozen, as the stage is defined) | 'all'
 batch_size = 32
@@ -77,6 +81,8 @@ try:
 except ValueError as e:
     fail(e)
 tc.check_config(config, ctx)
+if value_target not in ("reward", "prefix"):
+    fail(f"value_target {value_target!r}: use 'reward' or 'prefix'")
 torch.manual_seed(seed + ctx.rank)
 autocast = ddp_utils.autocast_context(ctx, dtype)
 
@@ -84,6 +90,8 @@ meta, datasets, loaders = tc.build_data(data_dir, ctx, batch_size, max_length, o
                                         balance_correct, correct_ratio)
 train_loader, train_sampler = loaders["train"]
 val_loader, _ = loaders["val"]
+if value_target == "prefix" and not datasets["train"].has_step_labels:
+    fail(f"value_target='prefix' needs step labels: {data_dir} has none (data/arith/prepare.py writes them)")
 
 model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=True,  # a fresh value head unless init_from has one
                               pad_vocab_multiple=pad_vocab_multiple)
@@ -111,7 +119,7 @@ def save_all_ranks(names, optimizer=optimizer):
 
 
 if eval_only:
-    metrics = evaluate_all_ranks(model, val_loader, ctx, autocast, heads=False, value=True)
+    metrics = evaluate_all_ranks(model, val_loader, ctx, autocast, heads=False, value=True, value_target=value_target)
     tc.report(logger, ctx, {"iter": state["iter"], **metrics})
     tc.finish_run(logger, uploader, ctx)
     raise SystemExit(0)
@@ -149,10 +157,11 @@ while state["iter"] < max_iters:
         tokens = batch["input_ids"].to(ctx.device, non_blocking=True)  # (B, L)
         loss_mask = batch["loss_mask"].to(ctx.device, non_blocking=True)  # (B, L)
         reward = batch["reward"].to(ctx.device, non_blocking=True)  # (B,)
+        target = on_track(batch["first_error"].to(ctx.device), tokens.shape[1]) if value_target == "prefix" else reward
         with autocast:
             h_trunk = model.trunk_forward(tokens)  # (B, L, dim); no graph when the trunk is frozen
         values = model.value(h_trunk)  # (B, L) fp32
-        loss = value_loss(values, reward, value_mask(loss_mask), count=n_value)  # MSE over the step's value positions
+        loss = value_loss(values, target, value_mask(loss_mask), count=n_value)  # MSE over the step's value positions
         loss.backward()
         log_loss += loss.detach()
         log_tokens += int(batch["lengths"].sum())
@@ -176,7 +185,7 @@ while state["iter"] < max_iters:
         log_steps, log_tokens, t_log = 0, 0, time.time()
 
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
-        metrics = {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast, heads=False, value=True)}
+        metrics = {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast, heads=False, value=True, value_target=value_target)}
         improved = tc.update_best(metrics, state)  # val/loss = value MSE here
         tc.report(logger, ctx, metrics)
         save_all_ranks(("ckpt.pt", "best.pt") if improved else ("ckpt.pt",))

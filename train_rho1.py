@@ -22,7 +22,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 import ddp_utils
 import train_common as tc
@@ -167,18 +166,13 @@ def step_selection(micro_batches, ref_ces):
     """selection_scope='step': every micro-batch's 0/1 weights (B, L, n) from one no-grad pass of the
     policy, the top k_percent of each head's targets taken over the whole step on every rank (rows
     padded to max_length and gathered: the same selection as one process with all the rows)."""
-    excess, targets = [], []
-    for b, ref_ce in zip(micro_batches, ref_ces):
-        with autocast:
-            ce = model.head_cross_entropies(b["input_ids"].to(ctx.device), ce_chunk_size)  # (B, L, n)
-        pad = (0, 0, 0, max_length - ce.shape[1])
-        excess.append(F.pad(ce - ref_ce, pad))
-        targets.append(F.pad(shift_to_heads(b["loss_mask"].to(ctx.device), n), pad))
-    mine = torch.cat(excess)  # (rows of this rank's step, max_length, n)
-    w = compute_mtp_selective_weights(ddp_utils.all_gather(mine), ddp_utils.all_gather(torch.cat(targets)), k_percent)
-    w = w[ctx.rank * len(mine):(ctx.rank + 1) * len(mine)]  # this rank's rows (every rank has as many)
-    return [wi[:, :b["input_ids"].shape[1]] for wi, b in zip(w.split([len(b["index"]) for b in micro_batches]),
-                                                           micro_batches)]
+    tokens = [b["input_ids"].to(ctx.device) for b in micro_batches]
+    with autocast:
+        excess = tc.cat_padded([model.head_cross_entropies(t, ce_chunk_size) - r for t, r in zip(tokens, ref_ces)],
+                               max_length)  # (rows of this rank's step, max_length, n)
+    targets = tc.cat_padded([shift_to_heads(b["loss_mask"].to(ctx.device), n) for b in micro_batches], max_length)
+    w = compute_mtp_selective_weights(ddp_utils.all_gather(excess), ddp_utils.all_gather(targets), k_percent)
+    return tc.split_padded(w[ctx.rank * len(excess):(ctx.rank + 1) * len(excess)], tokens)  # this rank's rows
 
 
 if eval_only:

@@ -5,12 +5,13 @@ The value head (from a Stage 1 checkpoint) scores every prefix; each completion 
 error delta[t] = target - V[t-1] (target = R at the last token, gamma * V[t] elsewhere) says how
 much that token changed the chance of success. Tokens that raised it get more weight:
 w = clamp(exp(delta / beta), clip_min, clip_max), normalised to mean 1. Head k at position t
-takes the weight of its target token t+k+1. The weights come from the current value head,
-detached. Loss = weighted MTP CE + value_coef * value MSE.
+takes the weight of its target token t+k+1. Loss = weighted MTP CE + value_coef * value MSE.
 
-weight_mode gives the controls that show whether TD weighting itself helps:
-  'td' (default), 'uniform' (all 1: the baseline plus a value loss), 'random' (the batch's TD
-  weights at random positions), 'shuffled' (each sequence's TD weights permuted within it).
+weight_mode: 'td' (default); controls that keep the weights but lose their positions: 'uniform'
+(all 1), 'random' (the batch's TD weights at random positions), 'shuffled' (each row's TD weights
+permuted within it); positive controls from the verifier's step labels: 'oracle_prefix' (1 before
+a row's first wrong step, 0 from it on; correct rows all 1), 'oracle_td' (the TD weights of a
+perfect prefix critic: V = 1 while the prefix is right, 0 after), 'reward' (w = R: correct rows only).
 
 Single device:
     python train_verifiable.py config/arith_verifiable.py
@@ -23,14 +24,13 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 import ddp_utils
 import train_common as tc
 from data.format import fail
 from evaluation import evaluate_all_ranks
-from weighting import (build_weights, compute_td_errors, random_like_weights, shift_to_heads, shuffle_within_rows,
-                       value_loss, value_mask, weight_stats)
+from weighting import (build_weights, compute_td_errors, normalize_weights, on_track, oracle_prefix_weights,
+                       random_like_weights, shift_to_heads, shuffle_within_rows, value_loss, value_mask, weight_stats)
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value)
@@ -48,7 +48,9 @@ correct_ratio = 0.5
 max_length = 256
 overflow = "truncate"
 # weighting
-weight_mode = "td"  # 'td' | 'uniform' | 'random' | 'shuffled'
+weight_mode = "td"  # 'td' | 'uniform' | 'random' | 'shuffled' | 'oracle_prefix' | 'oracle_td' | 'reward'
+value_target = "reward"  # the value head's target: 'reward' (R at every position) | 'prefix' (a prefix critic:
+#   1 before the row's first wrong step, 0 from it on; needs step labels; use with train_critic's prefix)
 gamma = 1.0  # TD discount
 beta = 0.9  # temperature of exp(delta / beta)
 clip_min = 0.1
@@ -98,8 +100,10 @@ try:
 except ValueError as e:
     fail(e)
 tc.check_config(config, ctx)
-if weight_mode not in ("td", "uniform", "random", "shuffled"):
-    fail(f"weight_mode {weight_mode!r}: use 'td', 'uniform', 'random' or 'shuffled'")
+WEIGHT_MODES = ("td", "uniform", "random", "shuffled", "oracle_prefix", "oracle_td", "reward")
+if weight_mode not in WEIGHT_MODES or value_target not in ("reward", "prefix"):
+    fail(f"weight_mode {weight_mode!r} / value_target {value_target!r}: use one of {', '.join(WEIGHT_MODES)} / "
+         "'reward' or 'prefix'")
 if weight_scope not in ("micro_batch", "step"):
     fail(f"weight_scope {weight_scope!r}: use 'micro_batch' or 'step'")
 torch.manual_seed(seed + ctx.rank)
@@ -109,6 +113,9 @@ meta, datasets, loaders = tc.build_data(data_dir, ctx, batch_size, max_length, o
                                         balance_correct, correct_ratio)
 train_loader, train_sampler = loaders["train"]
 val_loader, _ = loaders["val"]
+if (weight_mode.startswith("oracle") or value_target == "prefix") and not datasets["train"].has_step_labels:
+    fail(f"weight_mode={weight_mode!r} / value_target={value_target!r} need step labels: {data_dir} has none "
+         "(data/arith/prepare.py writes them)")
 
 model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=True, pad_vocab_multiple=pad_vocab_multiple)
 n = model.n_future_tokens
@@ -136,12 +143,18 @@ def save_all_ranks(names, optimizer=optimizer):
     ddp_utils.barrier()
 
 
-def token_weights(values, reward, loss_mask, reduce=None):
-    """Per-token weights (B, L) from the detached values and the weight_mode, with the TD errors
-    (for the clip statistics). reduce=ddp_utils.all_reduce_sum whitens/normalises over every rank."""
-    td = compute_td_errors(values.detach(), reward, loss_mask, gamma)  # (B, L)
+def token_weights(values, reward, loss_mask, first_error, reduce=None):
+    """Per-token weights (B, L) of the weight_mode, from the detached values or the step labels,
+    and the TD errors behind them (for the clip statistics; None without TD).
+    reduce=ddp_utils.all_reduce_sum whitens/normalises over every rank."""
     if weight_mode == "uniform":
-        return loss_mask.float(), td
+        return loss_mask.float(), None
+    if weight_mode in ("oracle_prefix", "reward"):  # 0/1 weights from the verifier
+        w = (oracle_prefix_weights(loss_mask, first_error, reward) if weight_mode == "oracle_prefix"
+             else loss_mask.float() * reward[:, None])
+        return (normalize_weights(w, loss_mask, reduce) if normalize else w), None
+    v = on_track(first_error, loss_mask.shape[1]) if weight_mode == "oracle_td" else values.detach()
+    td = compute_td_errors(v, reward, loss_mask, gamma)  # (B, L)
     w = build_weights(td, loss_mask, beta, clip_min, clip_max, whiten, normalize, reduce)  # (B, L)
     # the controls draw from the global RNG of the device, which checkpoints save and restore
     if weight_mode == "random":
@@ -156,22 +169,17 @@ def step_token_weights(micro_batches):
     """weight_scope='step': every micro-batch's (weights, TD errors) from one no-grad pass of the
     trunk and value head, the step's rows padded to one length and weighted as one population over
     all ranks. The values are those the training forward computes (same weights, same rows)."""
-    L = max(b["input_ids"].shape[1] for b in micro_batches)
-    values, masks = [], []
-    for b in micro_batches:
-        with autocast:
-            values.append(model.value(model.trunk_forward(b["input_ids"].to(ctx.device))))  # (B, l) fp32
-        masks.append(b["loss_mask"].to(ctx.device))
-    pad = [(0, L - m.shape[1]) for m in masks]
-    w, td = token_weights(torch.cat([F.pad(v, p) for v, p in zip(values, pad)]),
-                          torch.cat([b["reward"] for b in micro_batches]).to(ctx.device),
-                          torch.cat([F.pad(m, p) for m, p in zip(masks, pad)]), reduce=ddp_utils.all_reduce_sum)
-    rows = [len(m) for m in masks]
-    return [(wi[:, :m.shape[1]], ti[:, :m.shape[1]]) for wi, ti, m in zip(w.split(rows), td.split(rows), masks)]
+    masks = [b["loss_mask"].to(ctx.device) for b in micro_batches]
+    with autocast:
+        values = [model.value(model.trunk_forward(b["input_ids"].to(ctx.device))) for b in micro_batches]  # (B, l)
+    w, td = token_weights(tc.cat_padded(values), torch.cat([b["reward"] for b in micro_batches]).to(ctx.device),
+                          tc.cat_padded(masks), torch.cat([b["first_error"] for b in micro_batches]).to(ctx.device),
+                          ddp_utils.all_reduce_sum)
+    return list(zip(tc.split_padded(w, masks), tc.split_padded(td, masks) if td is not None else [None] * len(masks)))
 
 
 if eval_only:
-    tc.report(logger, ctx, {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast, value=True)})
+    tc.report(logger, ctx, {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast, value=True, value_target=value_target)})
     tc.finish_run(logger, uploader, ctx)
     raise SystemExit(0)
 
@@ -182,12 +190,12 @@ train_sampler.set_skip(state["sampler_pos"])  # ... minus what a resumed run alr
 train_iter = iter(train_loader)
 model.train()
 log_loss = torch.zeros(n + 1, device=ctx.device)  # per-head weighted CE and the value MSE, summed over steps
+log_track = torch.zeros(4, device=ctx.device)  # weight sum and count on tokens before / from the first wrong step
 log_steps, log_tokens, t_log = 0, 0, time.time()
 while state["iter"] < max_iters:
     lr = tc.get_lr(state["iter"], learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    log_now = state["iter"] + 1 == max_iters or (state["iter"] + 1) % log_interval == 0
 
     # this step's micro-batches; a new epoch reshuffles
     micro_batches = []
@@ -212,19 +220,25 @@ while state["iter"] < max_iters:
         tokens = batch["input_ids"].to(ctx.device, non_blocking=True)  # (B, L)
         loss_mask = batch["loss_mask"].to(ctx.device, non_blocking=True)  # (B, L)
         reward = batch["reward"].to(ctx.device, non_blocking=True)  # (B,)
+        first_error = batch["first_error"].to(ctx.device, non_blocking=True)  # (B,) -1: none
+        prefix_ok = on_track(first_error, tokens.shape[1])  # (B, L) 1 before the first wrong step
         with autocast:
             h_trunk = model.trunk_forward(tokens)  # (B, L, dim)
             values = model.value(h_trunk)  # (B, L) fp32
-            w_tok, td = token_weights(values, reward, loss_mask) if step_weights is None else step_weights[i]
+            w_tok, td = (token_weights(values, reward, loss_mask, first_error) if step_weights is None
+                         else step_weights[i])
             w_heads = shift_to_heads(w_tok, n)  # (B, L, n): head k at t takes the weight of its target t+k+1
 
-            def head_loss(k, ce_k):  # TD-weighted CE of head k (B, L), over the step's target count
+            def head_loss(k, ce_k):  # weighted CE of head k (B, L), over the step's target count
                 return (w_heads[..., k] * ce_k).sum() / n_targets[k]
 
-            v_loss = value_loss(values, reward, value_mask(loss_mask), count=n_value)  # MSE over the step
+            v_loss = value_loss(values, prefix_ok if value_target == "prefix" else reward, value_mask(loss_mask),
+                                count=n_value)  # MSE over the step
             log_loss[:n] += model.forward_backward(tokens, head_loss, h_trunk=h_trunk, extra_loss=value_coef * v_loss,
                                                    naive=naive_backward, ce_chunk_size=ce_chunk_size)
         log_loss[n] += v_loss.detach()
+        on, off = loss_mask * prefix_ok, loss_mask * (1 - prefix_ok)  # completion tokens before / from the error
+        log_track += torch.stack([(w_tok * on).sum(), on.sum(), (w_tok * off).sum(), off.sum()])
         log_tokens += int(batch["lengths"].sum())
     ddp_utils.sync_gradients(params)
     grad_norm, stepped = ddp_utils.optimizer_step(optimizer, params, grad_clip)
@@ -235,12 +249,15 @@ while state["iter"] < max_iters:
         tc.finish_run(logger, uploader, ctx)
         raise SystemExit(1)
 
-    if log_now:
+    if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         ddp_utils.all_reduce_sum(log_loss)  # each rank holds its share of every step's loss
+        w_on, n_on, w_off, n_off = ddp_utils.all_reduce_sum(log_track).tolist()
         tokens_all = ddp_utils.all_reduce_sum(torch.tensor([float(log_tokens)], device=ctx.device)).item()
         tokens_per_s = tokens_all / (time.time() - t_log)
         losses = (log_loss / (log_steps * ctx.world_size)).tolist()  # means over the steps logged
-        stats = weight_stats(w_tok, loss_mask, td if weight_mode == "td" else None, beta, clip_min, clip_max, whiten)
+        stats = weight_stats(w_tok, loss_mask, td if weight_mode in ("td", "oracle_td") else None, beta, clip_min,
+                             clip_max, whiten)
+        stats.update(mean_on_track=w_on / n_on if n_on else None, mean_off_track=w_off / n_off if n_off else None)
         tc.report(logger, ctx, {"iter": state["iter"], "epoch": state["epoch"], "train/loss": sum(losses[:n]) / n,
                                 "train/head_loss": losses[:n], "train/value_mse": losses[n],
                                 **{f"weights/{k}": v for k, v in stats.items()},  # last micro-batch of this rank
@@ -248,10 +265,11 @@ while state["iter"] < max_iters:
                                 "tokens_per_s": tokens_per_s, "mfu": tc.mfu(model, ctx, dtype, tokens_per_s, max_length),
                                 "mem_gb": ddp_utils.memory_gb(ctx)})
         log_loss.zero_()
+        log_track.zero_()
         log_steps, log_tokens, t_log = 0, 0, time.time()
 
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
-        metrics = {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast, value=True)}
+        metrics = {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast, value=True, value_target=value_target)}
         improved = tc.update_best(metrics, state)  # val/loss = uniform MTP CE, comparable across stages
         tc.report(logger, ctx, metrics)
         save_all_ranks(("ckpt.pt", "best.pt") if improved else ("ckpt.pt",))

@@ -113,8 +113,7 @@ def build_weights(td_errors, mask, beta=0.9, clip_min=0.1, clip_max=5.0, whiten=
     w = torch.where(z >= hi, clip_max, torch.where(z <= lo, clip_min, w))  # exact bounds
     w = torch.where(m, w, 0.0)
     if normalize:
-        total, _, n = _population_sums(w, m, reduce)
-        w = (w * (n / total.clamp_min(1e-30))).float()   # all-zero stays all-zero, no NaN
+        w = normalize_weights(w, m, reduce)
     return w.detach()
 
 
@@ -153,6 +152,42 @@ def weight_stats(weights, mask, td_errors=None, beta=0.9, clip_min=0.1, clip_max
         keys += ["frac_clipped_low", "frac_clipped_high", "frac_clipped"]
     values = torch.stack([s.float() for s in stats]).tolist()  # one device sync
     return dict(zip(keys, values))
+
+
+def normalize_weights(weights, mask, reduce=None):
+    """Rescale so that the mean weight over the population's valid tokens is 1 (all-zero stays
+    all-zero); `reduce` as in build_weights. weights, mask (B, L) -> (B, L) float32"""
+    m = mask.to(weights.device) > 0
+    w = torch.where(m, weights.float(), 0.0)
+    total, _, n = _population_sums(w, m, reduce)
+    return (w * (n / total.clamp_min(1e-30))).float()
+
+
+# -----------------------------------------------------------------------------
+# Step labels (datasets whose verifier finds the first wrong step, e.g. data/arith): positive
+# controls for Stage 2 and the targets of a prefix critic
+
+def on_track(first_error, length):
+    """
+    1.0 at the positions before each row's first wrong step, 0.0 from it on: the value a perfect
+    prefix critic gives after reading tokens 0..t. first_error (B,) is the token position of the
+    first wrong step, -1 when there is none (then the whole row is on track).
+
+    first_error (B,), length L -> (B, L) float32
+    """
+    pos = torch.arange(length, device=first_error.device)[None, :]            # (1, L)
+    return ((first_error[:, None] < 0) | (pos < first_error[:, None])).float()
+
+
+def oracle_prefix_weights(loss_mask, first_error, rewards):
+    """
+    Positive control 'oracle_prefix': weight 1 on the completion tokens before the first wrong
+    step, 0 from it on; a correct row (R = 1) keeps every token.
+
+    loss_mask (B, L), first_error (B,), rewards (B,) -> (B, L) float32
+    """
+    keep = torch.maximum(on_track(first_error, loss_mask.shape[1]), (rewards > 0.5).float()[:, None])
+    return loss_mask.float() * keep
 
 
 # -----------------------------------------------------------------------------
@@ -271,18 +306,21 @@ def value_mask(loss_mask):
     return (m | m_next).to(loss_mask.dtype)
 
 
-def value_loss(values, rewards, vmask, count=None):
+def value_loss(values, targets, vmask, count=None):
     """
-    Squared error of the value head against the sample's reward, over the value positions:
-      sum(vmask * (V - R[:, None])^2) / count
-    count: the normaliser; None = max(sum(vmask), 1), this batch's mean. The training scripts
-    pass the optimizer step's count over all micro-batches and ranks (one gradient for any split).
+    Squared error of the value head against its target, over the value positions:
+      sum(vmask * (V - target)^2) / count
+    targets: the sample's reward R (B,) (the terminal target), or a target per position (B, L)
+    (e.g. on_track: the prefix critic's). count: the normaliser; None = max(sum(vmask), 1), this
+    batch's mean. The training scripts pass the optimizer step's count over all micro-batches and
+    ranks (one gradient for any split).
 
-    values (B, L), rewards (B,), vmask (B, L) -> scalar float32
+    values (B, L), targets (B,) or (B, L), vmask (B, L) -> scalar float32
     """
     V = values.float()
     vm = vmask.to(V.device).float()
-    err = (V - rewards.to(V.device).float()[:, None]) ** 2
+    target = targets.to(V.device).float()
+    err = (V - (target[:, None] if target.dim() == 1 else target)) ** 2
     return (vm * err).sum() / (vm.sum().clamp_min(1.0) if count is None else count)
 
 

@@ -8,6 +8,11 @@ and {split}.idx.npy (int64 (N, 5): offset, prompt_len, length, label, problem), 
 Everything is written to temp names first and renamed at the end (meta.json last), so an error
 leaves no partial dataset behind.
 
+Step labels (optional): rows may carry "first_error", the character offset in the completion
+where the first wrong step starts (null: every step right). A split with the field also gets
+{split}.first_error.npy, int64 (N,): the position (in the row's tokens) of the token where that
+step starts, -1 for none; meta.json then says "step_labels": true.
+
 Also a script for your own rows: tokenize the {split}.jsonl files of a folder,
     python data/format.py --in_dir=my_rows/ --tokenizer=path/to/tokenizer.model --out_dir=data/mine
 """
@@ -87,6 +92,10 @@ def check_row(row, where):
             raise ValueError(f"{where}: missing field '{key}'")
         if type(row[key]) is not typ:  # bool is not int, 1 is not true
             raise ValueError(f"{where}: field '{key}' must be {JSON_TYPE[typ]}, got {json.dumps(row[key])[:40]}")
+    fe = row.get("first_error")
+    if fe is not None and (type(fe) is not int or not 0 <= fe <= len(row["completion"])):
+        raise ValueError(f"{where}: field 'first_error' must be null or a character offset in the completion "
+                         f"(0..{len(row['completion'])}), got {json.dumps(fe)[:40]}")
     return row
 
 
@@ -143,6 +152,20 @@ class Progress:
             print(f"{self.label}: {i}/{self.total} ({now - self.start:.0f}s)", file=sys.stderr, flush=True)
 
 
+def error_token(tokenizer, completion, offset, completion_tokens):
+    """Index in completion_tokens (eos last) of the token where character `offset` of the completion
+    starts: the length of the offset's prefix in tokens (the eos when the offset is the end)."""
+    if offset >= len(completion):
+        return len(completion_tokens) - 1
+    head = tokenizer.encode(completion[:offset], bos=False, eos=False)
+    if completion_tokens[:len(head)] == head:
+        return len(head)
+    for j in range(len(completion_tokens)):  # a token spans the offset: the one that contains it
+        if len(tokenizer.decode(completion_tokens[:j + 1])) > offset:
+            return j
+    return len(completion_tokens) - 1
+
+
 def write_dataset(out_dir, splits, tokenizer, tokenizer_path, verifier=None, extra_files=None, merge=False):
     """
     Tokenize `splits` ({split: [row, ...]}) and write the dataset into out_dir, atomically.
@@ -185,6 +208,8 @@ def write_dataset(out_dir, splits, tokenizer, tokenizer_path, verifier=None, ext
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             problems = {}  # problem_id -> int, in order of first appearance
             idx = np.zeros((len(rows), 5), dtype=np.int64)  # offset, prompt_len, length, label, problem
+            step_labels = any("first_error" in row for row in rows)
+            first_error = np.full(len(rows), -1, dtype=np.int64)  # token position of the first wrong step
             offset = 0
             progress = Progress(f"tokenizing {split}", len(rows))
             with open(temp(f"{split}.bin"), "wb") as f:
@@ -196,10 +221,17 @@ def write_dataset(out_dir, splits, tokenizer, tokenizer_path, verifier=None, ext
                     f.write(tokens.astype(dtype).tobytes())
                     problem = problems.setdefault(row["problem_id"], len(problems))
                     idx[i] = (offset, len(prompt), len(tokens), int(row["is_correct"]), problem)
+                    if row.get("first_error") is not None:
+                        first_error[i] = len(prompt) + error_token(tokenizer, row["completion"], row["first_error"],
+                                                                   completion)
                     offset += len(tokens)
                     progress.update(i + 1)
             with open(temp(f"{split}.idx.npy"), "wb") as f:
                 np.save(f, idx)
+            if step_labels:
+                with open(temp(f"{split}.first_error.npy"), "wb") as f:
+                    np.save(f, first_error)
+                meta["step_labels"] = True
             meta["splits"][split] = len(rows)
             meta["problems"][split] = list(problems)
             stats[split] = {"rows": len(rows), "problems": len(problems), "correct": float(idx[:, 3].mean()),

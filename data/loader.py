@@ -110,6 +110,11 @@ class TokenDataset(torch.utils.data.Dataset):
         if os.path.getsize(bin_path) == 0:
             raise ValueError(f"{bin_path}: empty token file (split '{split}' has {len(idx)} rows in {idx_path})")
         self.tokens = np.memmap(bin_path, dtype=self.meta["dtype"], mode="r")  # (total tokens,)
+        fe_path = os.path.join(data_dir, f"{split}.first_error.npy")  # step labels, where the data has them
+        self.first_error = np.load(fe_path) if os.path.isfile(fe_path) else np.full(len(idx), -1, dtype=np.int64)
+        self.has_step_labels = os.path.isfile(fe_path)
+        if self.first_error.shape != (len(idx),):
+            raise ValueError(f"{fe_path}: expected ({len(idx)},) token positions, got shape {self.first_error.shape}")
         if int((idx[:, 0] + idx[:, 2]).max()) > len(self.tokens):
             raise ValueError(f"{bin_path}: holds {len(self.tokens)} tokens, fewer than {idx_path} indexes "
                              f"(truncated file?)")
@@ -139,7 +144,8 @@ class TokenDataset(torch.utils.data.Dataset):
         offset, prompt_len, _, label, problem = (int(x) for x in self.idx[row])
         length = int(self.lengths[row])
         return {"index": row, "tokens": np.array(self.tokens[offset:offset + length], dtype=np.int64),
-                "prompt_len": prompt_len, "reward": float(label), "problem": problem}
+                "prompt_len": prompt_len, "reward": float(label), "problem": problem,
+                "first_error": int(self.first_error[row])}
 
 
 def collate(items, pad_id):
@@ -159,6 +165,8 @@ def collate(items, pad_id):
         "prompt_lens": torch.tensor([item["prompt_len"] for item in items], dtype=torch.long),  # (B,)
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),  # (B,) row ids in the split
         "problem": torch.tensor([item["problem"] for item in items], dtype=torch.long),  # (B,)
+        # (B,) token position of the row's first wrong step; -1: none, or no step labels in the data
+        "first_error": torch.tensor([item.get("first_error", -1) for item in items], dtype=torch.long),
     }
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data.arith import prepare as arith
-from data.arith.verify import evaluate, extract_answer, parse_expression, verify
+from data.arith.verify import evaluate, extract_answer, first_error, parse_expression, verify
 from data.format import check_row, write_dataset
 from data.loader import ResumableSampler, TokenDataset, check_tokenizer, collate, load_meta, make_loader
 from tokenizer import Tokenizer, train_sentencepiece
@@ -92,6 +92,25 @@ def test_verify_hand_written_cases():
     assert extract_answer("Answer: 31\nmore") is None
     with pytest.raises(ValueError):
         verify("What is 3 + 4?", "Answer: 7")
+
+
+def test_first_error_hand_written_cases():
+    """The character offset of the first wrong line (None when every line is right)."""
+    p = "Compute: 3 + 4 * (12 - 5)\n"  # = 31
+    right = "= 3 + 4 * 7\n= 3 + 28\n= 31\nAnswer: 31"
+    assert first_error(p, right) is None and verify(p, right)
+    assert first_error(p, "= 7 * 7\n= 49\nAnswer: 49") == 0  # wrong first line (precedence ignored)
+    wrong_answer = "= 3 + 4 * 7\n= 3 + 28\n= 31\nAnswer: 32"
+    assert first_error(p, wrong_answer) == wrong_answer.index("Answer")  # only the answer is wrong
+    slip = "= 3 + 4 * 7\n= 3 + 29\n= 31\nAnswer: 31"  # a slip that lands on the right answer
+    assert verify(p, slip) and first_error(p, slip) == slip.index("= 3 + 29")
+    garbled = "= 3 + 4 * 7\n= 3 + 2x8\n= 31\nAnswer: 31"
+    assert first_error(p, garbled) == garbled.index("= 3 + 2x8")  # a line that does not parse
+    assert first_error(p, "= 3 + 4 * 7\nthe answer is 31") == len("= 3 + 4 * 7\n")
+    unfinished = "= 3 + 4 * 7\n= 3 + 28"
+    assert first_error(p, unfinished) == len(unfinished)  # never answers: wrong where it ends (the eos)
+    assert first_error(p, right + "\n= 31") == len(right) + 1  # anything after the answer is wrong
+    assert first_error("Compute: 2 - 5\n", "= -3\nAnswer: -3") is None  # negative values
 
 
 def test_parse_expression():
@@ -226,7 +245,7 @@ def test_arith_bad_options(tmp_path):
                  ["--slip_ratio=1.5"]):
         result = run("data/arith/prepare.py", f"--out_dir={out}", *args)
         assert result.returncode == 2, args
-        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("prepare.py: error: ") and result.stderr.count("\n") == 1, result.stderr
     # too few distinct problems exist for the request: one line, exit 1, nothing written
     result = run("data/arith/prepare.py", f"--out_dir={out}", "--min_ops=1", "--max_ops=1", "--max_operand=2",
                  "--n_train_problems=50")
@@ -259,7 +278,7 @@ def test_sampling_options(arith_dir):
     ds = TokenDataset(arith_dir, "train", n_samples=3 * n_all, seed=1)  # oversampling repeats every row 3 times
     assert len(ds) == 3 * n_all and np.bincount(ds.rows).tolist() == [3] * n_all
     item = ds[5]
-    assert set(item) == {"index", "tokens", "prompt_len", "reward", "problem"}
+    assert set(item) == {"index", "tokens", "prompt_len", "reward", "problem", "first_error"}
     assert item["index"] == ds.rows[5] and item["tokens"].dtype == np.int64
     assert item["reward"] == float(labels[item["index"]])
     with pytest.raises(ValueError, match="correct_ratio"):
@@ -544,3 +563,41 @@ def test_codecontests_bad_inputs(tmp_path, sp_model):
     result = run("data/codecontests/prepare.py", f"--input={tmp_path / 'problems.jsonl'}")
     assert result.returncode == 2 and "--tokenizer are required" in result.stderr
     assert files_in(out) == []
+
+
+def test_step_labels_in_the_token_data(arith_dir):
+    """prepare.py stores first_error per row, and {split}.first_error.npy the token where that line
+    starts (the tokens before it decode to exactly the completion before it); the loader hands it
+    out per row, -1 for none; data without the file has no step labels."""
+    tok = Tokenizer(os.path.join(arith_dir, "tokenizer.model"))
+    rows = read_jsonl(os.path.join(arith_dir, "val.jsonl"))
+    ds = TokenDataset(arith_dir, "val")
+    assert ds.has_step_labels and len(ds.first_error) == len(rows)
+    n_errors = 0
+    for i, row in enumerate(rows):
+        assert row["first_error"] == first_error(row["prompt"], row["completion"])
+        item = ds[i]
+        if row["first_error"] is None:
+            assert item["first_error"] == -1 and row["is_correct"]
+            continue
+        n_errors += 1
+        completion = item["tokens"][item["prompt_len"]:].tolist()
+        j = item["first_error"] - item["prompt_len"]
+        if row["first_error"] == len(row["completion"]):
+            assert j == len(completion) - 1  # the eos
+        else:
+            assert tok.decode(completion[:j]) == row["completion"][:row["first_error"]]
+    assert n_errors >= sum(not r["is_correct"] for r in rows) > 0  # every incorrect row has a wrong step
+    batch = collate([ds[i] for i in range(4)], 3)
+    assert batch["first_error"].tolist() == [ds[i]["first_error"] for i in range(4)]
+
+
+def test_first_error_field_is_checked(tmp_path, sp_model):
+    rows = [{"problem_id": "p", "prompt": "a", "completion": "bc", "is_correct": False, "first_error": 5}]
+    with pytest.raises(ValueError, match="first_error"):
+        write_dataset(str(tmp_path / "d"), {"train": rows}, Tokenizer(sp_model), sp_model)
+    rows[0]["first_error"] = 1
+    write_dataset(str(tmp_path / "d"), {"train": rows}, Tokenizer(sp_model), sp_model)
+    ds = TokenDataset(str(tmp_path / "d"), "train")
+    assert ds.has_step_labels and ds[0]["first_error"] >= ds[0]["prompt_len"]
+

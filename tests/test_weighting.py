@@ -9,8 +9,8 @@ import torch
 
 from tests.helpers import weighted_mtp_ce
 from weighting import (auc, binary_accuracy, build_weights, compute_mtp_selective_weights, compute_td_errors,
-                       n_selected, random_like_weights, select_top_k, shift_to_heads, shuffle_within_rows, value_loss,
-                       value_mask, weight_stats)
+                       n_selected, normalize_weights, on_track, oracle_prefix_weights, random_like_weights, select_top_k,
+                       shift_to_heads, shuffle_within_rows, value_loss, value_mask, weight_stats)
 
 ATOL = 1e-6
 
@@ -375,3 +375,43 @@ def test_auc_and_accuracy():
     # accuracy: predictions (score >= 0.5) = [0, 1, 1, 0] vs labels [0, 1, 0, 1]
     assert binary_accuracy(torch.tensor([0.2, 0.5, 0.7, 0.4]), torch.tensor([0, 1, 0, 1])) == pytest.approx(0.5)
     assert binary_accuracy(torch.tensor([0.2, 0.5]), torch.tensor([0, 1]), threshold=0.6) == pytest.approx(0.5)
+
+
+# -----------------------------------------------------------------------------
+# Step labels: positive controls and the prefix critic
+
+# three rows of length 8: prompt 0..2, completion 3..7 (row 2: 3..5, then padding)
+STEP_MASK = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 0, 0]]).float()
+FIRST_ERROR = torch.tensor([-1, 5, 4])   # row 0 all right; row 1 wrong from token 5; row 2 from 4
+REWARD = torch.tensor([1.0, 0.0, 1.0])   # row 2: a slip that still reached the right answer
+
+
+def test_on_track_is_the_prefix_critics_target():
+    close(on_track(FIRST_ERROR, 8), [[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]])
+    # the prefix critic's loss: per-position targets over the value positions
+    V = torch.full((3, 8), 0.5)
+    vm = value_mask(STEP_MASK)  # positions 2..7 (row 2: 2..5)
+    expected = (6 * 0.25 + 6 * 0.25 + 4 * 0.25) / 16  # every target is 0 or 1, V = 0.5
+    assert value_loss(V, on_track(FIRST_ERROR, 8), vm).item() == pytest.approx(expected)
+    V = on_track(FIRST_ERROR, 8)
+    assert value_loss(V, on_track(FIRST_ERROR, 8), vm).item() == 0.0  # a perfect prefix critic
+
+
+def test_oracle_prefix_and_reward_weights_hand_example():
+    w = oracle_prefix_weights(STEP_MASK, FIRST_ERROR, REWARD)
+    close(w, [[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0]])  # correct rows keep all
+    close(normalize_weights(w, STEP_MASK), (w * 13 / 10).tolist())  # 13 completion tokens, 10 kept: mean 1
+    reward = STEP_MASK * REWARD[:, None]  # weight_mode='reward': correct rows only
+    close(normalize_weights(reward, STEP_MASK), (reward * 13 / 8).tolist())
+
+
+def test_oracle_td_weights_hand_example():
+    """TD weights of a perfect prefix critic: delta is -1 at the first wrong token (V drops from 1
+    to 0), +1 at the last token of a correct row whose prefix went wrong (R = 1 after V = 0), 0
+    elsewhere; w = clamp(exp(delta / beta)), before normalisation."""
+    td = compute_td_errors(on_track(FIRST_ERROR, 8), REWARD, STEP_MASK)
+    close(td, [[0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, -1, 0, 0], [0, 0, 0, 0, -1, 1, 0, 0]])
+    w = build_weights(td, STEP_MASK, beta=0.9, clip_min=0.1, clip_max=5.0, normalize=False)
+    e = math.exp(-1 / 0.9)
+    close(w, [[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, e, 1, 1], [0, 0, 0, 1, e, 1 / e, 0, 0]], atol=1e-6)
+

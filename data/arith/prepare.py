@@ -26,6 +26,9 @@ steps carry the wrong value forward correctly.
 Systematic mistakes are what uniform training learns to imitate. Every is_correct label comes
 from verify.py on the final text (a slip that still reaches the right answer is correct); the
 intended mistake is kept in the row's extra "slip" field (null when none), for analysis only.
+Step labels: each row's "first_error" is verify.first_error's character offset of the first
+wrong line (null when every line is right), and {split}.first_error.npy holds its token position
+(see data/format.py), for the positive controls and the prefix critic.
 Problems are distinct across train/val/test; test is drawn first, so changing the train size
 keeps val and test. Same options, same seed: byte-identical files.
 """
@@ -37,7 +40,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.arith.verify import FLAT_PRECEDENCE, OPS, PRECEDENCE, parse_expression, verify  # noqa: E402
+from data.arith.verify import FLAT_PRECEDENCE, OPS, PRECEDENCE, first_error, parse_expression, verify  # noqa: E402
 from data.format import fail, parse_options, print_summary, write_dataset  # noqa: E402
 from tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
@@ -299,7 +302,8 @@ def make_rows(split, trees, opts):
         for completion, slip in make_candidates(tree, opts["candidates_per_problem"], rng, opts["slip_ratio"],
                                                 opts["systematic_ratio"]):
             rows.append({"problem_id": problem_id, "prompt": prompt, "completion": completion,
-                         "is_correct": verify(prompt, completion), "slip": slip})
+                         "is_correct": verify(prompt, completion), "slip": slip,
+                         "first_error": first_error(prompt, completion)})
     return rows
 
 

@@ -7,6 +7,10 @@ last non-empty line is not `Answer: <integer>` is wrong.
     prompt:      "Compute: 3 + 4 * (12 - 5)\n"
     completion:  "= 3 + 4 * 7\n= 3 + 28\n= 31\nAnswer: 31"
     verify(prompt, completion) -> True
+
+It also gives step labels: first_error(prompt, completion) is the character offset in the
+completion where the first wrong line starts (None when every line is right), so a training run
+or an evaluation can tell the tokens before the first mistake from those after it.
 """
 
 import re
@@ -115,3 +119,39 @@ def verify(prompt, completion):
     except ValueError:  # e.g. more digits than int() accepts
         return False
     return value == evaluate(parse_expression(problem_expression(prompt)))
+
+
+def first_error(prompt, completion):
+    """
+    Character offset in `completion` of the first wrong line, None when every line is right.
+
+    Every `= <expression>` line must keep the problem's value (its expression, read with school
+    precedence, evaluates to the problem's exact value); the `Answer: <int>` line must give that
+    value and be the last line. A line that does not parse (or any line after the answer) is
+    wrong. A completion that never reaches an answer is wrong where it ends (offset =
+    len(completion), the end-of-sequence token). Independent of verify(): a slip whose
+    later lines land on the right answer is still found here.
+    """
+    value = evaluate(parse_expression(problem_expression(prompt)))
+    offset, answered = 0, False
+    for line in completion.splitlines(keepends=True):
+        text = line.strip()
+        if text:
+            if answered:
+                return offset
+            m = ANSWER_RE.fullmatch(text)
+            if m is not None:
+                if int(m.group(1)) != value:
+                    return offset
+                answered = True
+            elif not text.startswith("="):
+                return offset
+            else:
+                try:
+                    if evaluate(parse_expression(text[1:])) != value:
+                        return offset
+                except ValueError:
+                    return offset
+        offset += len(line)
+    return None if answered else len(completion)
+
