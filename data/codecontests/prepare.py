@@ -140,7 +140,8 @@ def problem_tests(row, where):
         if not (isinstance(value, dict) and isinstance(value.get("input"), list)
                 and isinstance(value.get("output"), list) and len(value["input"]) == len(value["output"])
                 and all(isinstance(x, str) for x in value["input"] + value["output"])):
-            raise ValueError(f"{where}: field '{field}' must be {{\"input\": [str], \"output\": [str]}} of equal length")
+            raise ValueError(f"{where}: field '{field}' must be {{\"input\": [str], \"output\": [str]}} "
+                             f"of equal length")
         tests += [{"input": i, "output": o} for i, o in zip(value["input"], value["output"])]
         counts[field.split("_")[0]] = len(value["input"])
     return tests, counts
@@ -244,8 +245,9 @@ def main(opts):
     extra = {}  # {split}.problems.jsonl, moved into out_dir with the rest of the dataset
     try:
         for split, specs in problems.items():
-            extra[f"{split}.problems.jsonl"] = os.path.join(opts["out_dir"], f".{split}.problems.jsonl.tmp{os.getpid()}")
-            with open(extra[f"{split}.problems.jsonl"], "w", encoding="utf-8") as f:
+            name = f"{split}.problems.jsonl"
+            extra[name] = os.path.join(opts["out_dir"], f".{name}.tmp{os.getpid()}")
+            with open(extra[name], "w", encoding="utf-8") as f:
                 for spec in specs.values():
                     f.write(json.dumps(spec, ensure_ascii=False) + "\n")
     except BaseException:
