@@ -89,6 +89,8 @@ def make_verifier(meta, workers=0, timeout=3.0, hide=()):
         return None
     module = importlib.import_module(f"data.{meta['verifier']}.verify")
     if hasattr(module, "verify_all"):
+        if hasattr(module, "announce"):
+            module.announce()  # the sandbox's isolation, at start-up rather than after generating
         return lambda problems, completions: module.verify_all(problems, completions, workers=workers,
                                                                timeout=timeout, hide=hide)
 
@@ -333,11 +335,11 @@ def evaluate_completions(data_dir, split, path, workers=0, timeout=3.0, results=
     meta = read_meta_file(meta_path)
     if split not in meta["splits"]:
         raise ValueError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
-    verify = make_verifier(meta, workers, timeout, hide=[data_dir])
-    if verify is None:
-        raise ValueError(f"{os.path.join(data_dir, 'meta.json')}: names no verifier, so nothing can check completions")
+    if not meta.get("verifier"):
+        raise ValueError(f"{meta_path}: names no verifier, so nothing can check completions")
     problems = {p["problem_id"]: p for p in load_problems(data_dir, split)}
-    pairs = read_completions(path, problems, f"{data_dir} {split}")
+    pairs = read_completions(path, problems, f"{data_dir} {split}")  # bad input fails before any work
+    verify = make_verifier(meta, workers, timeout, hide=[data_dir])
     t0 = time.time()
     out = verify([problems[pid] for pid, _ in pairs], [c for _, c in pairs])
     n, c = {}, {}  # per problem, in order of first appearance: completions, passed

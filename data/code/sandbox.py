@@ -368,7 +368,11 @@ def child(libc, mode, request, files, error_fd):
         if mode["drop"]:  # per uid: for the evaluator's own uid it would count all of that user's processes
             limits.append((resource.RLIMIT_NPROC, (NPROC,) * 2))
         for limit, value in limits:
-            resource.setrlimit(limit, value)
+            try:
+                resource.setrlimit(limit, value)
+            except (ValueError, OSError):
+                if libc is not None:  # Linux has them all; elsewhere (macOS: RLIMIT_AS) keep what the OS allows
+                    raise
         if mode["drop"]:
             os.setgroups([])
             os.setgid(request["gid"])

@@ -120,6 +120,15 @@ def check_one(problem, completion, slot, timeout, memory_mb, time_scale, hide):
     return {"passed": True, "result": "passed", "completion": completion}
 
 
+def announce():
+    """Print the sandbox's isolation once per process (a warning where the OS allows none)."""
+    global _announced
+    note = sandbox.isolation()["note"]
+    if not _announced:
+        print(note, file=sys.stderr, flush=True)
+        _announced = True
+
+
 def verify_all(problems, completions, workers=0, timeout=3.0, memory_mb=1024, time_scale=1.0, hide=(),
                label="verify", progress_every=2.0):
     """
@@ -128,12 +137,8 @@ def verify_all(problems, completions, workers=0, timeout=3.0, memory_mb=1024, ti
     line `label: done/total, passed (s)` goes to stderr every progress_every seconds. Raises
     RuntimeError when the sandbox itself fails (a broken sandbox must not look like wrong code).
     """
-    global _announced
     assert len(problems) == len(completions)
-    mode = sandbox.isolation()
-    if not _announced:
-        print(mode["note"], file=sys.stderr, flush=True)
-        _announced = True
+    announce()
     workers = max(1, min(workers or os.cpu_count() or 1, max(len(problems), 1)))
     slots = queue.Queue()  # a worker's slot picks its sandbox uid: one program per uid at a time
     for slot in range(workers):
