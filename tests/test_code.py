@@ -242,7 +242,7 @@ def test_no_writes_outside_its_dir_and_no_network(tmp_path):
     assert res[4]["passed"] and res[5]["passed"]
     assert not any(os.path.exists(t) for t in targets) and received == []
     r = sandbox.run_python(f"import os\nprint(os.listdir({ROOT!r}), os.getuid())\n", hide=[ROOT])
-    assert r["stdout"] == f"[] {sandbox.BASE_UID}\n"
+    assert r["stdout"] == f"[] {sandbox.slot_uid(0)}\n"
 
 
 def uid_processes(uids):
@@ -269,7 +269,7 @@ def test_fork_loop_is_contained():
     res = verify_all([{"kind": "function", "prefix": "", "test": ""}] * 3, programs, workers=2, timeout=1.5)
     assert res[0]["result"] == "timed out" and res[1]["passed"] and res[2]["passed"]
     assert time.time() - t0 < 10
-    assert uid_processes(range(sandbox.BASE_UID, sandbox.BASE_UID + 2)) == []  # nothing left, not even the sleepers
+    assert uid_processes({sandbox.slot_uid(0), sandbox.slot_uid(1)}) == []  # nothing left, not even the sleepers
 
 
 def test_output_cap():

@@ -32,10 +32,12 @@ start-up. Every run gets:
   HumanEval's solutions). When the interpreter lives where the program's uid may not look (a
   pyenv build under /root, mode 0700), that directory is covered by a tmpfs holding only the
   interpreter's own tree, bind-mounted back at its path, so the standard library stays importable;
-- privilege drop (root): uid/gid BASE_UID + slot, no supplementary groups, no_new_privs. One uid
-  per parallel slot: RLIMIT_NPROC counts a uid's processes system-wide and does not apply to root,
-  so a fork loop in one slot can neither run away nor make another slot's program fail to start.
-  Without namespaces, every process of that uid is killed after each run (kill(-1) as that uid).
+- privilege drop (root): uid/gid slot_uid(slot), no supplementary groups, no_new_privs. One uid
+  per parallel slot, and a block of uids per evaluator process (an flock on /tmp picks a block no
+  other evaluator on the machine holds): RLIMIT_NPROC counts a uid's processes system-wide and
+  does not apply to root, so a fork loop in one slot can neither run away nor keep another slot's
+  program from forking; without namespaces, every process of the slot's uid is killed after each
+  run (kill(-1) as that uid), which must never hit another evaluator's program.
 Not root, or not Linux: rlimits and process groups only. `isolation()` probes once which of the
 modes works (a probe program must fail to write to /tmp and to connect) and describes it; the
 verifier prints that line at start-up. Not covered: the total memory of a program's processes
@@ -55,7 +57,8 @@ import sys
 import tempfile
 import time
 
-BASE_UID = 61000  # program uid/gid = BASE_UID + slot (an unused range; no passwd entry needed)
+BASE_UID = 61000  # program uid/gid = BASE_UID + block * UID_BLOCK + slot (unused; no passwd entry needed)
+UID_BLOCK = 256  # slots per evaluator process; 15 blocks stay below 65534 (nobody)
 OUTPUT_LIMIT = 64 * 2**20  # bytes: RLIMIT_FSIZE, so also the most stdout/stderr a program can write
 WORK_LIMIT = 64 * 2**20  # bytes: size of the work/ tmpfs in namespaces mode
 NPROC = 16  # processes and threads of a slot's uid (privilege drop only)
@@ -74,6 +77,7 @@ PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 _ISOLATION = None  # isolation(): {"namespaces": bool, "drop": bool, "note": str}, probed once per process
 _ROOT = None  # sandbox_root()
 _SERVERS = {}  # slot -> (mode, Popen)
+_UID_LOCK = None  # (block, open lock file) held by this process while it lives
 
 
 # -----------------------------------------------------------------------------
@@ -123,13 +127,35 @@ def describe(mode, tried):
     limits = "rlimits (CPU time, memory, file size, processes), wall-clock limit, output cap"
     if mode["namespaces"]:
         return (f"sandbox: Linux namespaces (no network, read-only filesystem but its own tmpfs dir, own pid "
-                f"namespace), uid {BASE_UID}+slot, {limits}")
+                f"namespace), uid {slot_uid(0)}+slot, {limits}")
     why = f" ({tried[0][:200]})" if tried else ""
     if mode["drop"]:
-        return (f"sandbox: WARNING: no Linux namespaces{why}: programs run as uid {BASE_UID}+slot with {limits}, "
-                f"but can use the network and write wherever that uid may")
+        return (f"sandbox: WARNING: no Linux namespaces{why}: programs run as uid {slot_uid(0)}+slot with "
+                f"{limits}, but can use the network and write wherever that uid may")
     return (f"sandbox: WARNING: no OS isolation (needs root on Linux){why}: programs run as this user with {limits} "
             f"only; they can use the network and write wherever this user may")
+
+
+def slot_uid(slot):
+    """The uid (and gid) of `slot`'s programs: in a block of UID_BLOCK uids that this process holds
+    an exclusive flock for, so that two evaluators on one machine never share a uid."""
+    global _UID_LOCK
+    if not 0 <= slot < UID_BLOCK:
+        raise ValueError(f"sandbox slot {slot}: at most {UID_BLOCK} parallel workers")
+    if _UID_LOCK is None:
+        import fcntl
+        for block in range((65534 - BASE_UID) // UID_BLOCK):
+            f = open(os.path.join(tempfile.gettempdir(), f"wmtp-sandbox-uids-{block}.lock"), "a")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            _UID_LOCK = (block, f)
+            break
+        else:
+            raise RuntimeError("sandbox: every uid block is held by another evaluator on this machine")
+    return BASE_UID + _UID_LOCK[0] * UID_BLOCK + slot
 
 
 def site_packages():
@@ -209,8 +235,8 @@ def run_python(source, stdin="", timeout=3.0, memory_mb=1024, slot=0, hide=(), m
     RuntimeError when the sandbox itself fails (never because of what the program did).
     """
     mode = mode or isolation()
-    uid = BASE_UID + slot if mode["drop"] else os.getuid()
-    gid = BASE_UID + slot if mode["drop"] else os.getgid()
+    uid = slot_uid(slot) if mode["drop"] else os.getuid()
+    gid = slot_uid(slot) if mode["drop"] else os.getgid()
     job = tempfile.mkdtemp(prefix="job-", dir=sandbox_root())
     try:
         os.chmod(job, 0o711)  # the program may pass through to prog/, work/ and py/, not read stdin/out/err
