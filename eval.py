@@ -240,6 +240,10 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
                 per_problem = [pass_at_k(num_samples, int(ci), k) for ci in c]
                 m["pass@k"][str(k)] = float(np.mean(per_problem)) if per_problem else None
     counts["verifier_errors"] = verifier_errors
+    if verify is not None:  # per problem, for paired comparisons of runs on the same problems
+        sampled_ok = c.tolist() if num_samples > 0 else [None] * len(problems)
+        m["per_problem"] = {p["problem_id"]: {"greedy": bool(g), "sampled_correct": sc, "samples": num_samples}
+                            for p, g, sc in zip(problems, greedy_ok, sampled_ok)}
     if meta["tokenizer"] is None:  # text-only data: no token files, so no loss
         notes.append("loss skipped: text-only dataset (no token files)")
         m.update(val_loss=None, val_head_loss=[], val_head_acc=[], value_acc=None, value_auc=None, counts=counts,
@@ -261,7 +265,8 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
             yield collate([ds[i] for i in rows[b * batch_size:(b + 1) * batch_size]], meta["pad_id"])
             _progress("token data", b + 1, n_batches, t0, log_interval)
 
-    s = eval_sums(model, batches(), device, contextlib.nullcontext(), value=model.value_head is not None)
+    s = eval_sums(model, batches(), device, contextlib.nullcontext(), value=model.value_head is not None,
+                  step_labels=ds.has_step_labels)
     sums, v, y = s["heads"], s["last_v"], s["labels"]
     ce_sum, n_targets, n_correct = sums.double().cpu()  # each (n,)
     timings["val_s"] = time.time() - t0
@@ -282,6 +287,8 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
         counts["value_rows"], counts["value_positive"] = len(y), int((y > 0.5).sum())
         if m["value_auc"] is None:
             notes.append("value AUC undefined: the rows are all correct or all incorrect")
+        if ds.has_step_labels:  # does V drop where the solution goes wrong? every position, on- vs off-track
+            m["value_token_auc"] = _finite(auc(s["token_v"], s["on_track"]))
 
     m.update(counts=counts, timings=timings, examples=examples, notes=notes)
     return m
@@ -417,6 +424,8 @@ def summary_table(m, title):
     lines.append(f"{'val top-1 acc per head':<28} " + " ".join(f(x) for x in m["val_head_acc"]))
     if m["value_acc"] is not None or m["value_auc"] is not None:
         lines.append(f"{'value acc / AUC':<28} {f(m['value_acc'])} / {f(m['value_auc'])}  ({c['value_rows']} rows)")
+        if m.get("value_token_auc") is not None:
+            lines.append(f"{'value AUC per token':<28} {f(m['value_token_auc'])}  (on- vs off-track prefixes)")
     for note in m["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)

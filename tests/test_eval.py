@@ -147,14 +147,20 @@ def test_evaluate_numbers(arith_dir):
         assert m["pass@k"][str(k)] == pytest.approx(exact)
     assert "99" not in m["pass@k"] and any("pass@99" in note for note in m["notes"])
     assert m["counts"]["verifier_errors"] == 0
+    # per problem, for paired comparisons: the sampled correct count and the greedy verdict
+    assert list(m["per_problem"]) == list(by_problem)
+    assert [r["sampled_correct"] for r in m["per_problem"].values()] == c
+    assert sum(r["greedy"] for r in m["per_problem"].values()) == m["counts"]["greedy_correct"]
+    assert all(r["samples"] == n_cand for r in m["per_problem"].values())
 
     # per-head loss and accuracy, and the value head, recomputed row by row with the plain forward
     idx = np.load(os.path.join(arith_dir, "test.idx.npy"))
     data = np.fromfile(os.path.join(arith_dir, "test.bin"), dtype=np.uint16).astype(np.int64)
     n = model.n_future_tokens
-    ce, hits, count, values = np.zeros(n), np.zeros(n), np.zeros(n), []
+    first_error = np.load(os.path.join(arith_dir, "test.first_error.npy"))
+    ce, hits, count, values, token_v, on_track = np.zeros(n), np.zeros(n), np.zeros(n), [], [], []
     with torch.no_grad():
-        for offset, prompt_len, length, label, _ in idx:
+        for (offset, prompt_len, length, label, _), fe in zip(idx, first_error):
             tokens = torch.from_numpy(data[offset:offset + length])[None]  # (1, L)
             logits = model(tokens, return_all_heads=True)[0]  # (L, n, V)
             for k in range(n):
@@ -164,7 +170,11 @@ def test_evaluate_numbers(arith_dir):
                 ce[k] += F.cross_entropy(logits[t, k], target, reduction="sum").item()
                 hits[k] += (logits[t, k].argmax(-1) == target).sum().item()
                 count[k] += len(t)
-            values.append(model.value(model.trunk_forward(tokens))[0, length - 1].item())
+            v = model.value(model.trunk_forward(tokens))[0]  # (L,)
+            values.append(v[length - 1].item())
+            for t in range(prompt_len - 1, length):  # the value positions: is the prefix up to t still right?
+                token_v.append(v[t].item())
+                on_track.append(float(fe < 0 or t < fe))
     assert m["counts"]["val_head_targets"] == [int(x) for x in count]
     assert count[0] == (idx[:, 2] - idx[:, 1]).sum()  # every completion token, eos included
     np.testing.assert_allclose(m["val_head_loss"], ce / count, rtol=1e-5)
@@ -174,6 +184,8 @@ def test_evaluate_numbers(arith_dir):
     assert m["value_auc"] == pytest.approx(auc(torch.tensor(values), torch.tensor(labels)), abs=1e-6)
     assert m["value_acc"] == pytest.approx(np.mean((np.array(values) >= 0.5) == (labels > 0.5)))
     assert m["counts"]["value_rows"] == len(rows) and m["counts"]["value_positive"] == int(labels.sum())
+    assert 0 < sum(on_track) < len(on_track)
+    assert m["value_token_auc"] == pytest.approx(auc(torch.tensor(token_v), torch.tensor(on_track)), abs=1e-6)
 
     # n_problems: the first problems, for generation and token data alike
     model.set_replay(tok, rows)
