@@ -1,8 +1,8 @@
 """
 Evaluate any stage's checkpoint on held-out problems: generate, verify, report, write eval.json.
 
-    python eval.py --init_from=out/arith_baseline                      # run dir: best.pt > final.pt > ckpt.pt
-    python eval.py --init_from=out/arith_rho1/final.pt --n_problems=200 --num_samples=16 --pass_k=[1,4,16]
+    python eval.py --init_from=out/arith/seed1337/baseline                      # run dir: best.pt > final.pt > ckpt.pt
+    python eval.py --init_from=out/arith/seed1337/rho1/final.pt --n_problems=200 --num_samples=16 --pass_k=[1,4,16]
     python eval.py --init_from=/models/7B_1T_4 --data_dir=data/codecontests --split=test --out=eval_meta.json
     python eval.py --data_dir=data/humaneval --completions=samples.jsonl --results_out=results.jsonl   # no model
 
@@ -434,7 +434,7 @@ def summary_table(m, title):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    init_from = "out/arith_baseline"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt), Meta or HF dir
+    init_from = "out/arith/seed1337/baseline"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt), Meta or HF dir
     data_dir = "data/arith"  # prepared dataset (meta.json names the tokenizer and the verifier)
     split = "test"  # which split's problems and token data
     n_problems = None  # None = every problem of the split, else the first n_problems

@@ -1,8 +1,8 @@
 """
 Sample from a trained model, or decode greedily with the MTP heads as their own draft model.
 
-    python sample.py --init_from=out/arith_baseline --start="Compute: 3 + 4 * (12 - 5)"
-    python sample.py --init_from=out/arith_baseline/best.pt --start=FILE:prompts.txt --temperature=0
+    python sample.py --init_from=out/arith/seed1337/baseline --start="Compute: 3 + 4 * (12 - 5)"
+    python sample.py --init_from=out/arith/seed1337/baseline/best.pt --start=FILE:prompts.txt --temperature=0
     python sample.py --init_from=/models/7B_1T_4 --start="def fib(n):" --speculative=True --max_new_tokens=256
 
 init_from is a checkpoint file, a run directory (best.pt > final.pt > ckpt.pt), a Meta-format
@@ -153,7 +153,7 @@ def _sync(device):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    init_from = "out/arith_baseline"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt), Meta or HF dir
+    init_from = "out/arith/seed1337/baseline"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt), Meta or HF dir
     tokenizer = ""  # tokenizer file; "": the checkpoint's data tokenizer, or a Meta/HF dir's own tokenizer file
     start = "Compute: 3 + 4 * (12 - 5)\n"  # prompt, or "FILE:path" with one prompt per line ("\\n" = newline)
     num_samples = 3  # samples per prompt (speculative: greedy, so one)

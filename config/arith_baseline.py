@@ -1,7 +1,7 @@
 # Stage 0 of the arith study: the base model fine-tuned with uniform MTP CE on all solutions,
 # the same data and budget as the weighted stages.
 #   python train_baseline.py config/arith_baseline.py
-out_dir = "out/arith/baseline"
+out_dir = "out/arith/seed1337/baseline"
 init_from = "out/arith/base"
 data_dir = "data/arith"
 wandb_run_name = "arith-baseline"

@@ -1,6 +1,6 @@
 # Stage 1 of the arith study: a value head on the frozen base model's trunk.
 #   python train_critic.py config/arith_critic.py
-out_dir = "out/arith/critic"
+out_dir = "out/arith/seed1337/critic"
 init_from = "out/arith/base"
 data_dir = "data/arith"
 wandb_run_name = "arith-critic"

@@ -1,7 +1,7 @@
 # The correct-only oracle: the base model fine-tuned on correct solutions only (uniform MTP CE).
 # It is the upper bound of the study and the frozen reference of Stage 3 (Rho-1).
 #   python train_baseline.py config/arith_reference.py
-out_dir = "out/arith/reference"
+out_dir = "out/arith/seed1337/reference"
 init_from = "out/arith/base"
 data_dir = "data/arith"
 wandb_run_name = "arith-reference"

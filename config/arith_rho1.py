@@ -1,8 +1,8 @@
 # Stage 3 of the arith study: Rho-1 selective MTP against the correct-only reference.
 #   python train_rho1.py config/arith_rho1.py
-out_dir = "out/arith/rho1"
+out_dir = "out/arith/seed1337/rho1"
 init_from = "out/arith/base"
-ref_init_from = "out/arith/reference"
+ref_init_from = "out/arith/seed1337/reference"
 data_dir = "data/arith"
 wandb_run_name = "arith-rho1"
 k_percent = 0.6

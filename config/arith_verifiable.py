@@ -1,8 +1,8 @@
 # Stage 2 of the arith study: TD-weighted MTP from the Stage 1 critic (weight_mode='td'); the
 # controls are the same run with --weight_mode=uniform|random|shuffled and their own out_dir.
 #   python train_verifiable.py config/arith_verifiable.py
-out_dir = "out/arith/verifiable"
-init_from = "out/arith/critic"
+out_dir = "out/arith/seed1337/verifiable"
+init_from = "out/arith/seed1337/critic"
 data_dir = "data/arith"
 wandb_run_name = "arith-verifiable"
 weight_mode = "td"

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# The whole arith study, from a fresh clone: data -> base model -> correct-only oracle -> stages 0-3
-# (+ the verifiable controls) -> eval of each -> one comparison table (Markdown + JSON).
+# The whole arith study, from a fresh clone: data -> base model -> correct-only oracle -> stages 0-3,
+# the stage-2 controls and positive controls -> eval of each final checkpoint -> one comparison
+# table with paired statistics (Markdown + JSON) and figures.
 #
-#   bash runs/arith.sh                    # one seed (the README's `make study` runs this)
-#   SEEDS="1 2 3" bash runs/arith.sh      # repeat the training over seeds: mean and spread
-#   EXTRA="--device=cpu" bash runs/arith.sh   # extra --key=value for every training run
+#   bash runs/arith.sh                         # one seed (the README's `make study` runs this)
+#   SEEDS="1 2 3" bash runs/arith.sh           # repeat the training over seeds (pooled in the paired stats)
+#   BASE_PER_SEED=1 SEEDS="1 2 3" bash ...     # also a base model per seed, so the spread includes the base
+#   N_TEST=1000 bash runs/arith.sh             # a larger test split (its own data dir: data/arith_test1000)
+#   EXTRA="--device=cpu" bash runs/arith.sh    # extra --key=value for every training run
 #
-# The data is prepared once (its own seed) and the base model is trained once (with the first
-# seed): it plays the pretrained model every stage starts from. SEEDS repeats everything after it
-# (the oracle, stages 0-3, the controls, their evaluation) with another training seed (data order,
-# initialisation of new heads, random weights, sampling at eval), so the spread in the table is
-# the spread of the stage comparison. Everything lands in $OUT (default out/arith); the table in
-# $OUT/results.md and $OUT/results.json.
+# The data is prepared once (its own seed). The base model plays the pretrained model every stage
+# starts from: trained once with the first seed (shared), or once per seed with BASE_PER_SEED=1.
+# Each seed then repeats everything after it with another training seed (data order, initialisation
+# of new heads, random weights, sampling at eval). Every run is evaluated at the same budget: its
+# final.pt after one epoch of 8000 rows, on the same test problems (so runs compare problem by
+# problem). Everything lands in $OUT (default out/arith); the tables in $OUT/results.md and
+# results.json, the figures and report.md beside them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -19,44 +23,77 @@ SEEDS=${SEEDS:-1337}
 OUT=${OUT:-out/arith}
 EXTRA=${EXTRA:-}
 EVAL_ARGS=${EVAL_ARGS:-}
+BASE_PER_SEED=${BASE_PER_SEED:-0}
+N_TEST=${N_TEST:-}
+DATA=${DATA:-data/arith${N_TEST:+_test$N_TEST}}
 mkdir -p "$OUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny models: one thread each is fastest on a shared CPU
 
-timed() {  # timed NAME DIR cmd...: run, and record the wall time in DIR/wall_s.txt
+# the runs of one seed: name | script | config | arguments (after --init_from etc. below)
+RUNS=(
+  "reference|train_baseline.py|arith_reference|"
+  "baseline|train_baseline.py|arith_baseline|"
+  "critic|train_critic.py|arith_critic|"
+  "critic_prefix|train_critic.py|arith_critic|--value_target=prefix"
+  "verifiable_uniform|train_verifiable.py|arith_verifiable|--weight_mode=uniform"
+  "verifiable_random|train_verifiable.py|arith_verifiable|--weight_mode=random"
+  "verifiable_shuffled|train_verifiable.py|arith_verifiable|--weight_mode=shuffled"
+  "verifiable_td|train_verifiable.py|arith_verifiable|--weight_mode=td"
+  "verifiable_td_beta03|train_verifiable.py|arith_verifiable|--weight_mode=td --beta=0.3"
+  "verifiable_td_prefix|train_verifiable.py|arith_verifiable|--weight_mode=td --value_target=prefix"
+  "oracle_prefix|train_verifiable.py|arith_verifiable|--weight_mode=oracle_prefix"
+  "oracle_td|train_verifiable.py|arith_verifiable|--weight_mode=oracle_td"
+  "reward|train_verifiable.py|arith_verifiable|--weight_mode=reward"
+  "rho1|train_rho1.py|arith_rho1|"
+)
+N_SEEDS=$(echo $SEEDS | wc -w)
+TOTAL=$(( N_SEEDS * ${#RUNS[@]} + (BASE_PER_SEED == 1 ? N_SEEDS : 1) ))
+DONE=0
+T_START=$(date +%s)
+
+timed() {  # timed NAME DIR cmd...: progress line, run, record the wall time in DIR/wall_s.txt
   local name=$1 dir=$2; shift 2
-  echo "=== $name: $*"
+  DONE=$((DONE + 1))
+  echo "=== [$DONE/$TOTAL, $(( ($(date +%s) - T_START) / 60 )) min so far] $name: $*"
   local t0; t0=$(date +%s.%N)
   "$@"
   mkdir -p "$dir"
   python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$t0" "$(date +%s.%N)" > "$dir/wall_s.txt"
 }
 
-[ -f data/arith/meta.json ] || $PY data/arith/prepare.py
+evaluate() {  # evaluate RUN_DIR SEED [eval.py args]: its final checkpoint on the test split
+  local dir=$1 seed=$2; shift 2
+  echo "=== eval $dir"
+  $PY eval.py config/arith_eval.py --data_dir="$DATA" --init_from="$dir/final.pt" --out="$dir/eval.json" \
+    --seed="$seed" "$@" $EVAL_ARGS
+}
+
+[ -f "$DATA/meta.json" ] || $PY data/arith/prepare.py --out_dir="$DATA" ${N_TEST:+--n_test_problems=$N_TEST}
 
 FIRST_SEED=${SEEDS%% *}
-if [ ! -f "$OUT/base/final.pt" ]; then
-  timed base "$OUT/base" $PY train_baseline.py config/arith_base.py --out_dir="$OUT/base" --seed=$FIRST_SEED $EXTRA
-fi
-echo "=== eval base"
-$PY eval.py config/arith_eval.py --init_from="$OUT/base" --out="$OUT/base/eval.json" --seed=$FIRST_SEED $EVAL_ARGS
-
 for seed in $SEEDS; do
   R=$OUT/seed$seed
-  S="--seed=$seed $EXTRA"
-  timed reference "$R/reference" $PY train_baseline.py config/arith_reference.py --init_from="$OUT/base" --out_dir="$R/reference" $S
-  timed baseline "$R/baseline" $PY train_baseline.py config/arith_baseline.py --init_from="$OUT/base" --out_dir="$R/baseline" $S
-  timed critic "$R/critic" $PY train_critic.py config/arith_critic.py --init_from="$OUT/base" --out_dir="$R/critic" $S
-  for mode in td uniform random shuffled; do
-    timed "verifiable_$mode" "$R/verifiable_$mode" $PY train_verifiable.py config/arith_verifiable.py \
-      --init_from="$R/critic" --out_dir="$R/verifiable_$mode" --weight_mode=$mode $S
-  done
-  timed rho1 "$R/rho1" $PY train_rho1.py config/arith_rho1.py --init_from="$OUT/base" \
-    --ref_init_from="$R/reference" --out_dir="$R/rho1" $S
-  for run in reference baseline critic verifiable_td verifiable_uniform verifiable_random verifiable_shuffled rho1; do
-    echo "=== eval $run"
-    # the critic generates exactly as the base model: evaluate only its value head and losses
-    [ $run = critic ] && N="--num_samples=0" || N=""
-    $PY eval.py config/arith_eval.py --init_from="$R/$run" --out="$R/$run/eval.json" --seed=$seed $N $EVAL_ARGS
+  S="--seed=$seed --data_dir=$DATA $EXTRA"
+  BASE=$OUT/base
+  [ "$BASE_PER_SEED" = 1 ] && BASE=$R/base
+  if [ ! -f "$BASE/final.pt" ]; then
+    timed base "$BASE" $PY train_baseline.py config/arith_base.py --out_dir="$BASE" $S
+    evaluate "$BASE" "$seed"
+  fi
+  for spec in "${RUNS[@]}"; do
+    IFS="|" read -r name script config args <<< "$spec"
+    case $name in
+      verifiable_*prefix) init="--init_from=$R/critic_prefix" ;;
+      verifiable_*|oracle_*|reward) init="--init_from=$R/critic" ;;
+      rho1) init="--init_from=$BASE --ref_init_from=$R/reference" ;;
+      *) init="--init_from=$BASE" ;;
+    esac
+    # shellcheck disable=SC2086  # $args, $init and $S are lists of arguments
+    timed "$name" "$R/$name" $PY "$script" "config/$config.py" $init --out_dir="$R/$name" $args $S
+    # a critic generates exactly as its base: evaluate only its value head and losses
+    case $name in critic*) evaluate "$R/$name" "$seed" --num_samples=0 ;; *) evaluate "$R/$name" "$seed" ;; esac
   done
 done
 
 $PY runs/summarize.py "$OUT"
+echo "=== done in $(( ($(date +%s) - T_START) / 60 )) min: $OUT/report.md"

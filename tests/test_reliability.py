@@ -321,7 +321,7 @@ def bad_inputs(base_dir, data_dir, tmp_path_factory):
     files = {
         "shape": save("shape.pt", model_args={**ckpt["model_args"], "dim": 64}),
         "missing": save("missing.pt", model={k: v for k, v in ckpt["model"].items() if k != "norm.weight"}),
-        "newer": save("newer.pt", model_args={**ckpt["model_args"], "rope_scaling": 8.0}),
+        "newer": save("newer.pt", model_args={**ckpt["model_args"], "attention_sink": 8}),
     }
     from model import ModelArgs, Transformer
     args70 = {**ckpt["model_args"], "vocab_size": 70}
@@ -352,7 +352,7 @@ def bad_cases(f, data_dir, base_dir):
         ("eval_interval_0", b, ["--eval_interval=0"], {}, "eval_interval must be >= 1"),
         ("cuda_absent", b, ["--device=cuda"], {}, "'cuda' requested but CUDA is not available"),
         ("mps_absent", b, ["--device=mps"], {}, "'mps' requested but MPS is not available"),
-        ("s3_not_a_url", b, ["--s3_uri=notaurl"], {}, "s3_uri 'notaurl'"),
+        ("s3_not_a_url", b, ["--s3_uri=notaurl"], {}, "s3_uri: not an S3 URI: 'notaurl'"),
         ("s3_no_bucket", b, ["--s3_uri=s3://"], {}, "'s3://'"),
         ("no_data", b, [f"--data_dir={data_dir}/nowhere"], {}, f"{data_dir}/nowhere/meta.json"),
         ("data_vocab_vs_tokenizer", b, [f"--data_dir={f['lying_data']}"], {},
