@@ -255,12 +255,12 @@ if __name__ == "__main__":
     init_from = "out/arith_baseline"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt) or Meta dir
     data_dir = "data/arith"  # prepared dataset (meta.json names the tokenizer and the verifier)
     split = "test"  # which split's problems and token data
-    n_problems = None  # None = every problem of the split, else the first n_problems
+    n_problems: int | None = None  # None = every problem of the split, else the first n_problems
     batch_size = 32  # prompts per generate() call, rows per loss batch
     max_new_tokens = 256  # generation limit per completion
     num_samples = 8  # sampled completions per problem (0 = greedy only)
     temperature = 1.0  # sampling temperature of the sampled completions
-    top_k = None  # None = sample from the full distribution
+    top_k: int | None = None  # None = sample from the full distribution
     pass_k = [1, 4, 8]  # k of the reported pass@k (each needs k <= num_samples)
     seed = 1337  # sampling seed
     device = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
@@ -270,7 +270,7 @@ if __name__ == "__main__":
     wandb_log = False  # also send the numbers to wandb (WANDB_MODE=offline works)
     wandb_project = "wmtp"
     wandb_run_name = ""  # "" = eval-<run dir name>
-    exec(open("configurator.py").read())  # overrides from the command line or a config file
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     settings = {k: v for k, v in globals().items() if not k.startswith("_")
                 and isinstance(v, (bool, int, float, str, type(None), list, tuple))}
     # -----------------------------------------------------------------------------

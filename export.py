@@ -10,7 +10,7 @@ Export any stage's checkpoint as a Meta-format directory that Meta's own MTP loa
                                without the `value_head.` prefix (norm.weight, fc1.weight, fc1.bias,
                                fc2.weight, fc2.bias), always float32. Meta's loader never reads it.
 
-Usage (from the repo root):
+Usage (from any directory):
 
     python export.py --ckpt=out-verifiable --out_dir=export/verifiable   # a run dir: best.pt > final.pt > ckpt.pt
     python export.py --ckpt=out-critic/final.pt --out_dir=export/critic --dtype=float32
@@ -44,7 +44,7 @@ from model import ModelArgs, Tokenizer, Transformer, ValueHead, meta_weights_pat
 ckpt = "out"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt, as Transformer.load), or Meta dir
 out_dir = "out-meta"  # the Meta-format directory to write
 dtype = "bfloat16"  # 'bfloat16' (Meta's release dtype) | 'float32' | 'float16'; the value head stays float32
-tokenizer = None  # tokenizer file to copy; None: the checkpoint's data.tokenizer (a Meta dir: its own); '': none
+tokenizer: str | None = None  # file to copy; None: the checkpoint's data.tokenizer (a Meta dir: its own); '': none
 overwrite = False  # replace an existing non-empty out_dir
 # -----------------------------------------------------------------------------
 
@@ -202,7 +202,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype="bfloat16", tokenizer_
 
 if __name__ == "__main__":
     import sys
-    exec(open("configurator.py").read())
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     try:
         export_checkpoint(ckpt, out_dir, dtype, tokenizer, overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

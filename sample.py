@@ -156,13 +156,13 @@ if __name__ == "__main__":
     num_samples = 3  # samples per prompt (speculative: greedy, so one)
     max_new_tokens = 128  # new tokens per sample
     temperature = 0.8  # 0 = greedy; ignored by speculative (always greedy)
-    top_k = 200  # keep the top_k logits (None = all)
+    top_k: int | None = 200  # keep the top_k logits (None = all)
     seed = 1337
     device = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype = "auto"  # auto (bfloat16 on a GPU with bf16, else float32) | float32 | bfloat16 | float16
     speculative = False  # self-speculative greedy decoding (heads 1..n-1 draft, head 0 verifies)
     compare = True  # with speculative: also run plain greedy, check equality and time both
-    exec(open("configurator.py").read())  # overrides from the command line or a config file
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     # -----------------------------------------------------------------------------
 
     try:
