@@ -37,6 +37,7 @@ import shutil
 
 import torch
 
+import ddp_utils
 from model import ModelArgs, Tokenizer, Transformer, ValueHead, meta_weights_path, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -56,21 +57,16 @@ def read_source(src: str):
         with open(os.path.join(src, "params.json")) as f:
             params = json.load(f)
         pth = meta_weights_path(src)
-        state_dict = torch.load(pth, map_location="cpu", mmap=True, weights_only=True)
+        state_dict = ddp_utils.load_weights(pth)
         if params.get("vocab_size", -1) in (-1, None):
             params["vocab_size"] = state_dict["tok_embeddings.weight"].shape[0]
         vh_path = os.path.join(src, "value_head.pth")
-        value_head = torch.load(vh_path, map_location="cpu", weights_only=True) if os.path.isfile(vh_path) else None
+        value_head = ddp_utils.load_weights(vh_path, mmap=False) if os.path.isfile(vh_path) else None
         tok_path = os.path.join(src, "tokenizer.model")
         info = {"stage": "meta", "iter": None, "tokenizer": tok_path if os.path.isfile(tok_path) else None}
         return state_dict, ModelArgs.from_dict(params, source=src), value_head, info
 
-    try:
-        ckpt = torch.load(src, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # noqa: BLE001  (a truncated or foreign file)
-        raise ValueError(f"{src}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise ValueError(f"{src}: not a wmtp checkpoint (needs 'model' and 'model_args' entries)")
+    ckpt = ddp_utils.load_checkpoint(src)  # weights only: opening it never runs code from it
     state_dict = {k: v for k, v in ckpt["model"].items() if not k.startswith("value_head.")}
     value_head = {k[len("value_head."):]: v for k, v in ckpt["model"].items() if k.startswith("value_head.")}
     info = {"stage": ckpt.get("stage"), "iter": ckpt.get("iter"),

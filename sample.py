@@ -36,12 +36,7 @@ def resolve_init(init_from):
     path = resolve_checkpoint(init_from)
     if os.path.isdir(path):  # a Meta directory
         return path, None, {"data": {}, "stage": "meta", "iter": None}
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: weights are not read
-    except Exception as e:  # noqa: BLE001  (a truncated or foreign file)
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: not a wmtp checkpoint (needs 'model' and 'model_args' entries)")
+    ckpt = ddp_utils.load_checkpoint(path)  # memory-mapped: the weights are not read here
     return path, path, {"data": dict(ckpt.get("data") or {}), "stage": ckpt.get("stage"), "iter": ckpt.get("iter")}
 
 

@@ -16,7 +16,7 @@ import torch
 from moto.server import ThreadedMotoServer
 
 import s3
-from ddp_utils import load_checkpoint, save_checkpoint
+from ddp_utils import load_weights, save_checkpoint
 from s3 import S3Uploader, download_checkpoint, parse_s3_uri
 
 BUCKET = "wmtp-test"
@@ -117,10 +117,10 @@ def test_upload_manifest_and_download(server, tmp_path):
 
     path = download_checkpoint(f"s3://{BUCKET}/run1", str(tmp_path / "dl"))
     assert path == str(tmp_path / "dl" / "ckpt_000200.pt")
-    assert load_checkpoint(path)["iter"] == 200
+    assert load_weights(path)["iter"] == 200
     assert os.listdir(tmp_path / "dl") == ["ckpt_000200.pt"]
     best = download_checkpoint(f"s3://{BUCKET}/run1", str(tmp_path / "dl"), which="best")
-    assert load_checkpoint(best)["iter"] == 100
+    assert load_weights(best)["iter"] == 100
 
     # a corrupted object is caught by the manifest's sha256 and leaves no file behind
     client.put_object(Bucket=BUCKET, Key="run1/ckpt_000200.pt", Body=b"x" * m["checkpoints"][1]["size"])
