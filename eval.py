@@ -46,16 +46,16 @@ def pass_at_k(n, c, k):
 
 
 def load_problems(data_dir, split, n_problems=None):
-    """The unique problems of a split in file order: [(problem_id, prompt)], the first n_problems."""
+    """The unique problems of a split in file order: [(problem_id, prompt)], the first n_problems.
+    Every row is checked as data preparation checks it (data/format.py): a damaged line is a
+    one-line ValueError naming the file and the line."""
+    from data.format import read_jsonl
     path = os.path.join(data_dir, f"{split}.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (prepare the data first, e.g. python data/arith/prepare.py)")
     problems = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                problems.setdefault(row["problem_id"], row["prompt"])
+    for row in read_jsonl(path):
+        problems.setdefault(row["problem_id"], row["prompt"])
     items = list(problems.items())
     return items if n_problems is None else items[:n_problems]
 
@@ -276,7 +276,7 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
 
     import ddp_utils
-    from data.loader import load_meta
+    from data.loader import TokenDataset, load_meta
     from model import Transformer
     from sample import resolve_dtype, resolve_init
     from tokenizer import Tokenizer
@@ -294,6 +294,8 @@ if __name__ == "__main__":
         check_vocab(model, tok, meta, ckpt_info.get("data"))
         if split not in meta["splits"]:
             raise ValueError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
+        load_problems(data_dir, split)  # damaged rows or token files stop here, before any generation
+        TokenDataset(data_dir, split)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"eval.py: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         sys.exit(2)
