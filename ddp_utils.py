@@ -70,6 +70,13 @@ def setup(device="auto", fsdp=False):
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
+        # Before init_process_group, not after: torch.distributed.nn's functions take the default
+        # group as a default argument, evaluated on import, and torch imports the module lazily (e.g.
+        # torch._dynamo, which building a model on the meta device pulls in). Imported after init, it
+        # keeps the group alive past destroy_process_group, so gloo's worker threads are still
+        # there at interpreter exit, and one that is still releasing the last all_reduce's tensor
+        # needs the GIL then: "terminate called without an active exception", SIGABRT (issue 15).
+        import torch.distributed.nn  # noqa: F401
         if device_type == "cuda":
             if local_rank >= torch.cuda.device_count():
                 raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
@@ -107,7 +114,8 @@ def barrier():
 
 
 def cleanup():
-    """Leave the process group, if one was joined."""
+    """Leave the process group, if one was joined: destroy_process_group stops its threads (see
+    setup: nothing may hold the group past this), so none is left to run at interpreter exit."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
