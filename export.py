@@ -110,6 +110,8 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype="bfloat16", tokenizer_
         "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.get(dtype)
     if torch_dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise ValueError(f"dtype {dtype!r}: use 'bfloat16', 'float32' or 'float16'")
+    if not out_dir.strip():  # abspath('') would be the current directory
+        raise ValueError("out_dir is empty: give the Meta-format directory to write, e.g. --out_dir=export/run1")
     src = resolve_checkpoint(ckpt_path)
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

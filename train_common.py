@@ -38,6 +38,8 @@ def fail(msg: str, code: int = 2):
 
 def check_config(cfg: dict, ctx):
     """Settings errors that must stop a run before any work: one line each, exit 2."""
+    if not cfg["out_dir"].strip():
+        fail("out_dir is empty: give the folder for checkpoints and metrics.jsonl, e.g. --out_dir=out/run1")
     if cfg["dtype"] not in PTDTYPE or cfg["dtype"] == "float16":
         fail(f"dtype {cfg['dtype']!r}: use 'float32' or 'bfloat16'")
     if cfg["dtype"] == "bfloat16" and ctx.device_type == "cuda" and not torch.cuda.is_bf16_supported():
