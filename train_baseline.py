@@ -119,8 +119,7 @@ if ctx.master:
 
 if eval_only:
     tc.report(logger, ctx, {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast)})
-    tc.finish_run(logger, uploader, ctx)
-    raise SystemExit(0)
+    raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -173,4 +172,4 @@ while state["iter"] < max_iters:
         t_log = time.time()  # evaluation time is not training throughput
 
 tc.save_run(model, None, state, config, meta, "baseline", ctx, ("final.pt",), uploader)
-tc.finish_run(logger, uploader, ctx)
+raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3

@@ -20,6 +20,7 @@ from data.loader import TokenDataset, check_tokenizer, load_meta, make_loader
 from model import ModelArgs, Tokenizer, Transformer
 
 PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXIT_S3_FAILED = 3  # the run finished and wrote its checkpoints to out_dir, but not all of them reached S3
 MODEL_ARG_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps",
                   "rope_theta", "n_future_tokens", "max_seq_len")
 
@@ -454,12 +455,20 @@ def start_run(cfg: dict, ctx):
     return logger, uploader
 
 
-def finish_run(logger, uploader, ctx):
+def finish_run(logger, uploader, ctx) -> int:
+    """Wait for pending S3 uploads, close the log, leave the process group. Returns the exit code:
+    0, or EXIT_S3_FAILED on rank 0 when checkpoints did not reach S3 (they are all in out_dir)."""
+    code = 0
     if uploader is not None:
-        uploader.close(timeout=600)  # waits for pending uploads; prints what did not reach S3
+        not_uploaded = uploader.close(timeout=600)  # waits for pending uploads; prints what did not reach S3
+        if not_uploaded:
+            print(error_line(f"{len(not_uploaded)} checkpoint(s) did not reach {uploader.uri}; they are in out_dir "
+                             f"(exit code {EXIT_S3_FAILED})"), file=sys.stderr, flush=True)
+            code = EXIT_S3_FAILED
     if logger is not None:
         logger.finish()
     ddp_utils.cleanup()
+    return code
 
 
 def mfu(model, ctx, dtype: str, tokens_per_s: float, seq_len: float):

@@ -98,8 +98,7 @@ if ctx.master:
 
 if eval_only:
     tc.report(logger, ctx, {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast, heads=False, value=True)})
-    tc.finish_run(logger, uploader, ctx)
-    raise SystemExit(0)
+    raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -152,4 +151,4 @@ while state["iter"] < max_iters:
         t_log = time.time()
 
 tc.save_run(model, None, state, config, meta, "critic", ctx, ("final.pt",), uploader)
-tc.finish_run(logger, uploader, ctx)
+raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3

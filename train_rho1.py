@@ -148,8 +148,7 @@ def reference_ce(batch, tokens):
 
 if eval_only:
     tc.report(logger, ctx, {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast)})
-    tc.finish_run(logger, uploader, ctx)
-    raise SystemExit(0)
+    raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -208,4 +207,4 @@ while state["iter"] < max_iters:
         t_log = time.time()
 
 tc.save_run(model, None, state, config, meta, "rho1", ctx, ("final.pt",), uploader)
-tc.finish_run(logger, uploader, ctx)
+raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3

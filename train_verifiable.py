@@ -135,8 +135,7 @@ def token_weights(values, reward, loss_mask):
 
 if eval_only:
     tc.report(logger, ctx, {"iter": state["iter"], **tc.evaluate(model, val_loader, ctx, autocast, value=True)})
-    tc.finish_run(logger, uploader, ctx)
-    raise SystemExit(0)
+    raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -203,4 +202,4 @@ while state["iter"] < max_iters:
         t_log = time.time()
 
 tc.save_run(model, None, state, config, meta, "verifiable", ctx, ("final.pt",), uploader)
-tc.finish_run(logger, uploader, ctx)
+raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3
