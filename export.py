@@ -69,8 +69,10 @@ def read_source(src: str):
     ckpt = ddp_utils.load_checkpoint(src)  # weights only: opening it never runs code from it
     state_dict = {k: v for k, v in ckpt["model"].items() if not k.startswith("value_head.")}
     value_head = {k[len("value_head."):]: v for k, v in ckpt["model"].items() if k.startswith("value_head.")}
-    info = {"stage": ckpt.get("stage"), "iter": ckpt.get("iter"),
-            "tokenizer": (ckpt.get("data") or {}).get("tokenizer")}
+    tok_path = (ckpt.get("data") or {}).get("tokenizer")
+    if tok_path and not os.path.isabs(tok_path) and not os.path.exists(tok_path):  # relative to where the run
+        tok_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), tok_path)  # started, usually the repo root
+    info = {"stage": ckpt.get("stage"), "iter": ckpt.get("iter"), "tokenizer": tok_path}
     return state_dict, ModelArgs(**ckpt["model_args"]), value_head or None, info
 
 

@@ -170,7 +170,8 @@ if __name__ == "__main__":
             if ckpt_file is None:
                 tokenizer = os.path.join(init_from, "tokenizer.model")
             else:
-                tokenizer = find_file(data_info.get("tokenizer"), os.path.dirname(ckpt_file), data_info.get("dir", ""))
+                tokenizer = find_file(data_info.get("tokenizer"), os.path.dirname(ckpt_file), data_info.get("dir", ""),
+                                      os.path.dirname(os.path.abspath(__file__)))  # runs usually start in the repo root
                 if tokenizer is None:
                     raise ValueError(f"{ckpt_file}: no usable tokenizer in the checkpoint's data entry "
                                      f"({data_info.get('tokenizer')!r}); pass --tokenizer=PATH")
