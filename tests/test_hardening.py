@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -261,7 +262,7 @@ import atexit, os, runpy, sys
 def threads_left():  # native threads too (gloo's), which threading.enumerate() does not see
     names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")
                    if int(t) != os.getpid())
-    print(f"rank {os.environ['RANK']} threads at exit: {names}", flush=True)
+    os.write(1, f"rank {os.environ['RANK']} threads at exit: {names}\n".encode())  # one write: ranks share stdout
 
 atexit.register(threads_left)  # runs as the interpreter starts to shut down
 sys.argv = sys.argv[1:]
@@ -289,5 +290,5 @@ def test_ddp_eval_only_leaves_no_thread_at_exit(arith_dir, good_ckpt, tmp_path):
                        timeout=300)
     assert p.returncode == 0 and "terminate called" not in p.stderr, p.stderr[-3000:]
     assert "iter 0 | val/loss" in p.stdout  # a new run from a checkpoint file starts at iter 0
-    assert sorted(line for line in p.stdout.splitlines() if "threads at exit" in line) == [
+    assert sorted(re.findall(r"rank \d threads at exit: \[[^]]*\]", p.stdout)) == [
         "rank 0 threads at exit: []", "rank 1 threads at exit: []"], p.stdout[-3000:]
