@@ -422,12 +422,12 @@ def remove_stale_temp_files(out_dir):
 
 
 def load_weights(path, mmap=True):
-    """The one torch.load of the repo: onto the CPU, weights_only=True (only tensors, plain
-    containers and numbers come out; opening a file never runs code from it), memory-mapped
-    (tensors are read when used; the ranks of a node share the page cache). Every problem is a
-    one-line error naming the file: missing (FileNotFoundError), not a complete torch.save file,
-    or holding other objects (ValueError). Also for weights that are not run checkpoints (Meta's
-    consolidated.pth, value_head.pth)."""
+    """The one torch.load that reads a checkpoint or weights file (convert_trusted_checkpoint aside):
+    onto the CPU, weights_only=True (only tensors, plain containers and numbers come out; opening a
+    file never runs code from it), memory-mapped (tensors are read when used; the ranks of a node
+    share the page cache). Also for weights that are not run checkpoints (Meta's consolidated.pth,
+    value_head.pth). Every problem is a one-line error naming the file: missing (FileNotFoundError),
+    not a complete torch.save file, or holding other objects (ValueError)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
@@ -454,7 +454,7 @@ def load_checkpoint(path):
     anything else is a one-line ValueError naming the file."""
     ckpt = load_weights(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        held = f"a dict with keys {sorted(ckpt)[:6]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        held = f"a dict with keys {list(ckpt)[:6]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
         raise ValueError(f"{path}: not a wmtp checkpoint (holds {held}, not a dict with 'model' and 'model_args')")
     return ckpt
 
