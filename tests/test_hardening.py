@@ -224,12 +224,12 @@ def test_empty_out_dir_refused_up_front(script, good_ckpt, tmp_path, run_main):
 
 
 # -----------------------------------------------------------------------------
-# 5. eval.py, sample.py, export.py started from another directory
+# 5. eval.py, sample.py, export.py (and bench.py) started from another directory
 
 
 def test_scripts_run_from_another_directory(arith_dir, tmp_path):
     """configurator.py is found next to each script, and a checkpoint's data paths relative to the
-    repo root (where runs start: data_dir='data/arith') still resolve. Three processes side by side."""
+    repo root (where runs start: data_dir='data/arith') still resolve. Four processes side by side."""
     ckpt = str(tmp_path / "run" / "final.pt")
     ddp_utils.save_checkpoint(ckpt, run_checkpoint(arith_dir, tokenizer=os.path.relpath(
         os.path.join(arith_dir, "tokenizer.model"), ROOT), dir=os.path.relpath(arith_dir, ROOT)))
@@ -240,6 +240,8 @@ def test_scripts_run_from_another_directory(arith_dir, tmp_path):
                  "--num_samples=0", "--max_new_tokens=6", f"--out={tmp_path / 'eval.json'}"],
         "sample": [f"--init_from={ckpt}", "--device=cpu", "--num_samples=1", "--max_new_tokens=4"],
         "export": [f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'export'}", "--dtype=float32"],
+        "bench": ["--device=cpu", "--variants=['base']", "--warmup=1", "--iters=1", "--dim=32", "--n_layers=3",
+                  "--n_heads=2", "--n_future_tokens=2", "--vocab_size=64", "--seq_len=16"],
     }
     procs = {name: subprocess.Popen([PY, os.path.join(ROOT, f"{name}.py"), *args], cwd=elsewhere, env=ENV,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -250,6 +252,7 @@ def test_scripts_run_from_another_directory(arith_dir, tmp_path):
     assert json.load(open(tmp_path / "eval.json"))["counts"]["problems"] == 2
     assert "---------- sample 1/1" in results["sample"][1]
     assert sorted(os.listdir(tmp_path / "export")) == ["consolidated.pth", "params.json", "tokenizer.model"]
+    assert "tokens/s" in results["bench"][1]
     assert os.listdir(elsewhere) == []
 
 
