@@ -60,10 +60,10 @@ from weighting import build_weights, compute_td_errors, n_selected, select_top_k
 dim = 64
 n_layers = 5  # total blocks: trunk (n_layers - n_future_tokens) + n_future_tokens heads
 n_heads = 4
-n_kv_heads = None  # None: = n_heads
+n_kv_heads: int | None = None  # None: = n_heads
 vocab_size = 512
 multiple_of = 32
-ffn_dim_multiplier = None
+ffn_dim_multiplier: float | None = None
 n_future_tokens = 4
 pad_vocab_multiple = 1  # embedding/output rows padded to a multiple of this (padded logits masked)
 # workload

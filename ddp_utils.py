@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import warnings
+import zipfile
 from collections import OrderedDict
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -74,6 +75,13 @@ def setup(device="auto", fsdp=False):
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
+        # Before init_process_group, not after: torch.distributed.nn's functions take the default
+        # group as a default argument, evaluated on import, and torch imports the module lazily (e.g.
+        # torch._dynamo, which building a model on the meta device pulls in). Imported after init, it
+        # keeps the group alive past destroy_process_group, so gloo's worker threads are still
+        # there at interpreter exit, and one that is still releasing the last all_reduce's tensor
+        # needs the GIL then: "terminate called without an active exception", SIGABRT (issue 15).
+        import torch.distributed.nn  # noqa: F401
         if device_type == "cuda":
             if local_rank >= torch.cuda.device_count():
                 raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
@@ -106,7 +114,8 @@ def barrier():
 
 
 def cleanup():
-    """Leave the process group, if one was joined."""
+    """Leave the process group, if one was joined: destroy_process_group stops its threads (see
+    setup: nothing may hold the group past this), so none is left to run at interpreter exit."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -479,16 +488,59 @@ def remove_stale_temp_files(out_dir):
     return removed
 
 
-def load_checkpoint(path):
-    """torch.load onto the CPU, memory-mapped (tensors are read when used; the ranks of a node
-    share the page cache); a missing or unreadable file is a one-line error naming it."""
+def load_weights(path, mmap=True):
+    """The one torch.load that reads a checkpoint or weights file (convert_trusted_checkpoint aside):
+    onto the CPU, weights_only=True (only tensors, plain containers and numbers come out; opening a
+    file never runs code from it), memory-mapped (tensors are read when used; the ranks of a node
+    share the page cache). Also for weights that are not run checkpoints (Meta's consolidated.pth,
+    value_head.pth). Every problem is a one-line error naming the file: missing (FileNotFoundError),
+    not a complete torch.save file, or holding other objects (ValueError)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise ValueError(f"{path}: not a wmtp checkpoint (not a zip archive as torch.save writes: truncated, or "
+                         f"another kind of file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        msg = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}") from None
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # refused by the weights-only unpickler, or a broken file
+        error = _first_line(e)
+    try:
+        found = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)[:4])
+    except Exception:
+        found = ""
+    if not found:
+        raise ValueError(f"{path}: not a wmtp checkpoint (not a complete torch.save file: {error})")
+    raise ValueError(f"{path}: holds objects beyond tensors and plain containers ({found}), refused: unpickling "
+                     f"them could run code from the file. If you trust it (e.g. a checkpoint of an older wmtp, "
+                     f"whose RNG state held numpy arrays), convert it once with python -c \"import ddp_utils; "
+                     f"ddp_utils.convert_trusted_checkpoint('{path}')\"")
+
+
+def load_checkpoint(path):
+    """A run checkpoint ({'model', 'model_args', ...}, see train_common.save_run) read by load_weights;
+    anything else is a one-line ValueError naming the file."""
+    ckpt = load_weights(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        held = f"a dict with keys {list(ckpt)[:6]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise ValueError(f"{path}: not a wmtp checkpoint (holds {held}, not a dict with 'model' and 'model_args')")
+    return ckpt
+
+
+def convert_trusted_checkpoint(path):
+    """Rewrite, in place, a checkpoint saved before checkpoints were weights-only (its numpy RNG
+    state was an ndarray) so that load_checkpoint reads it. This unpickles the file in full,
+    which can run code from it: only for files you trust."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for state in ckpt.get("rng") or []:
+        if state is not None and not isinstance(state["numpy"][1], list):
+            name, keys, pos, has_gauss, cached = state["numpy"]
+            state["numpy"] = (name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached))
+    save_checkpoint(path, ckpt)
+    return load_checkpoint(path)
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 # -----------------------------------------------------------------------------
@@ -496,8 +548,11 @@ def load_checkpoint(path):
 
 
 def get_rng_state():
-    """Python, numpy, torch CPU and (when present) every CUDA device's RNG state."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Python, numpy, torch CPU and (when present) every CUDA device's RNG state, as tensors, plain
+    containers and numbers (numpy's key array as a list of ints), so that a checkpoint holding it
+    loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -521,7 +576,8 @@ def set_rng_state(state):
     """Restore get_rng_state()'s dict; device states that do not apply here are ignored
     (a CUDA checkpoint resumed on a CPU, or fewer GPUs than when it was saved)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):

@@ -57,24 +57,30 @@ def load_problems(data_dir, split, n_problems=None):
     """The unique problems of a split in file order, the first n_problems: dicts with problem_id,
     prompt and whatever the verifier needs. From {split}.problems.jsonl when the dataset has one
     (code datasets keep their tests there, once per problem, with problems that have no solution
-    row), else the first row of each problem in {split}.jsonl."""
+    row), else the first row of each problem in {split}.jsonl, every row checked as data
+    preparation checks it (data/format.py). A damaged line is a one-line ValueError naming the
+    file and the line."""
+    from data.format import read_jsonl
     path = os.path.join(data_dir, f"{split}.problems.jsonl")
-    if not os.path.isfile(path):
-        path = os.path.join(data_dir, f"{split}.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (prepare the data first, e.g. python data/arith/prepare.py)")
     problems = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                for key in ("problem_id", "prompt"):
-                    if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                        raise ValueError(f"{path}:{lineno}: missing field '{key}'")
-                problems.setdefault(row["problem_id"], row)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                    for key in ("problem_id", "prompt"):
+                        if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                            raise ValueError(f"{path}:{lineno}: missing field '{key}'")
+                    problems.setdefault(row["problem_id"], row)
+    else:
+        path = os.path.join(data_dir, f"{split}.jsonl")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (prepare the data first, e.g. python data/arith/prepare.py)")
+        for row in read_jsonl(path):
+            problems.setdefault(row["problem_id"], row)
     items = list(problems.values())
     return items if n_problems is None else items[:n_problems]
 
@@ -437,12 +443,12 @@ if __name__ == "__main__":
     init_from = "out/arith/seed1337/baseline"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt), Meta or HF dir
     data_dir = "data/arith"  # prepared dataset (meta.json names the tokenizer and the verifier)
     split = "test"  # which split's problems and token data
-    n_problems = None  # None = every problem of the split, else the first n_problems
+    n_problems: int | None = None  # None = every problem of the split, else the first n_problems
     batch_size = 32  # prompts per generate() call, rows per loss batch
     max_new_tokens = 256  # generation limit per completion
     num_samples = 8  # sampled completions per problem (0 = greedy only)
     temperature = 1.0  # sampling temperature of the sampled completions
-    top_k = None  # None = sample from the full distribution
+    top_k: int | None = None  # None = sample from the full distribution
     pass_k = [1, 4, 8]  # k of the reported pass@k (each needs k <= num_samples)
     seed = 1337  # sampling seed
     device = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
@@ -457,7 +463,7 @@ if __name__ == "__main__":
     wandb_log = False  # also send the numbers to wandb (WANDB_MODE=offline works)
     wandb_project = "wmtp"
     wandb_run_name = ""  # "" = eval-<run dir name>
-    exec(open("configurator.py").read())  # overrides from the command line or a config file
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     settings = {k: v for k, v in globals().items() if not k.startswith("_")
                 and isinstance(v, (bool, int, float, str, type(None), list, tuple))}
     # -----------------------------------------------------------------------------
@@ -489,7 +495,7 @@ if __name__ == "__main__":
         sys.exit(0)
 
     import ddp_utils
-    from data.loader import load_meta
+    from data.loader import TokenDataset, load_meta
     from model import Transformer
     from sample import find_file, resolve_dtype, resolve_init
     from tokenizer import Tokenizer, tokenizer_file_in
@@ -514,6 +520,8 @@ if __name__ == "__main__":
         check_vocab(model, tok, meta, ckpt_info.get("data"))
         if split not in meta["splits"]:
             raise ValueError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
+        load_problems(data_dir, split)  # damaged rows or token files stop here, before any generation
+        TokenDataset(data_dir, split)
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)
     out_path = out or os.path.join(os.path.dirname(ckpt_file) if ckpt_file else load_path, "eval.json")

@@ -24,7 +24,7 @@ loads (its logits are head 0's), and the rest beside it for this repo's loader:
 `Transformer.load(out_dir)` reads such a directory back with all its heads. The source may also be
 a Hugging Face directory (e.g. to convert it to Meta's format).
 
-Usage (from the repo root):
+Usage (from any directory):
 
     python export.py --ckpt=out-verifiable --out_dir=export/verifiable   # a run dir: best.pt > final.pt > ckpt.pt
     python export.py --ckpt=out-critic/final.pt --out_dir=export/critic --dtype=float32
@@ -52,6 +52,7 @@ import shutil
 
 import torch
 
+import ddp_utils
 import hf
 from model import ModelArgs, Transformer, ValueHead, meta_weights_path, resolve_checkpoint
 from tokenizer import Tokenizer, tokenizer_file_in
@@ -62,7 +63,7 @@ ckpt = "out"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt, as Trans
 out_dir = "out-meta"  # the directory to write
 format = "meta"  # 'meta': params.json + consolidated.pth (Meta's MTP loader) | 'hf': LlamaForCausalLM directory
 dtype = "bfloat16"  # 'bfloat16' (Meta's release dtype) | 'float32' | 'float16'; the value head stays float32
-tokenizer = None  # tokenizer file to copy; None: the checkpoint's data.tokenizer (a Meta dir: its own); '': none
+tokenizer: str | None = None  # file to copy; None: the checkpoint's data.tokenizer (a Meta dir: its own); '': none
 overwrite = False  # replace an existing non-empty out_dir
 # -----------------------------------------------------------------------------
 
@@ -78,25 +79,22 @@ def read_source(src: str):
         with open(os.path.join(src, "params.json")) as f:
             params = json.load(f)
         pth = meta_weights_path(src)
-        state_dict = torch.load(pth, map_location="cpu", mmap=True, weights_only=True)
+        state_dict = ddp_utils.load_weights(pth)
         if params.get("vocab_size", -1) in (-1, None):
             params["vocab_size"] = state_dict["tok_embeddings.weight"].shape[0]
         vh_path = os.path.join(src, "value_head.pth")
-        value_head = torch.load(vh_path, map_location="cpu", weights_only=True) if os.path.isfile(vh_path) else None
+        value_head = ddp_utils.load_weights(vh_path, mmap=False) if os.path.isfile(vh_path) else None
         tok_path = os.path.join(src, "tokenizer.model")
         info = {"stage": "meta", "iter": None, "tokenizer": tok_path if os.path.isfile(tok_path) else None}
         return state_dict, ModelArgs.from_dict(params, source=src), value_head, info
 
-    try:
-        ckpt = torch.load(src, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # noqa: BLE001  (a truncated or foreign file)
-        raise ValueError(f"{src}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise ValueError(f"{src}: not a wmtp checkpoint (needs 'model' and 'model_args' entries)")
+    ckpt = ddp_utils.load_checkpoint(src)  # weights only: opening it never runs code from it
     state_dict = {k: v for k, v in ckpt["model"].items() if not k.startswith("value_head.")}
     value_head = {k[len("value_head."):]: v for k, v in ckpt["model"].items() if k.startswith("value_head.")}
-    info = {"stage": ckpt.get("stage"), "iter": ckpt.get("iter"),
-            "tokenizer": (ckpt.get("data") or {}).get("tokenizer")}
+    tok_path = (ckpt.get("data") or {}).get("tokenizer")
+    if tok_path and not os.path.isabs(tok_path) and not os.path.exists(tok_path):  # relative to where the run
+        tok_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), tok_path)  # started, usually the repo root
+    info = {"stage": ckpt.get("stage"), "iter": ckpt.get("iter"), "tokenizer": tok_path}
     return state_dict, ModelArgs(**ckpt["model_args"]), value_head or None, info
 
 
@@ -172,6 +170,8 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype="bfloat16", tokenizer_
         "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.get(dtype)
     if torch_dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise ValueError(f"dtype {dtype!r}: use 'bfloat16', 'float32' or 'float16'")
+    if not out_dir.strip():  # abspath('') would be the current directory
+        raise ValueError("out_dir is empty: give the Meta-format directory to write, e.g. --out_dir=export/run1")
     src = resolve_checkpoint(ckpt_path)
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -274,7 +274,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype="bfloat16", tokenizer_
 
 if __name__ == "__main__":
     from data.format import fail
-    exec(open("configurator.py").read())
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     try:
         export_checkpoint(ckpt, out_dir, dtype, tokenizer, overwrite, format)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

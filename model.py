@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import ddp_utils  # load_weights / load_checkpoint: the one place a file is unpickled (weights only)
 import hf
 from tokenizer import Tokenizer
 
@@ -712,7 +713,7 @@ class Transformer(nn.Module):
         with open(params_path) as f:
             params = json.load(f)
         ckpt_path = meta_weights_path(path)
-        state_dict = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+        state_dict = ddp_utils.load_weights(ckpt_path)
         if params.get("vocab_size", -1) in (-1, None):
             tok_path = os.path.join(path, "tokenizer.model")
             params["vocab_size"] = (Tokenizer(tok_path).n_words if os.path.isfile(tok_path)
@@ -758,7 +759,7 @@ class Transformer(nn.Module):
     def load_value_head(self, path: str):
         """Attach a value_head.pth (ValueHead state dict, keys without the 'value_head.' prefix);
         adds a value head if there is none; it stays fp32."""
-        return self.set_value_head(torch.load(path, map_location="cpu", weights_only=True), source=path)
+        return self.set_value_head(ddp_utils.load_weights(path, mmap=False), source=path)
 
     def set_value_head(self, state_dict: dict, source: str):
         """Attach a ValueHead state dict (keys without the 'value_head.' prefix) read from `source`;
@@ -795,12 +796,7 @@ class Transformer(nn.Module):
         if os.path.isdir(path):
             loader = cls.from_pretrained if os.path.isfile(os.path.join(path, "params.json")) else cls.from_hf
             return loader(path, device=device, dtype=dtype, value_head=value_head)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as e:  # noqa: BLE001  (a truncated or foreign file)
-            raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-            raise ValueError(f"{path}: not a wmtp checkpoint (needs 'model' and 'model_args' entries)")
+        ckpt = ddp_utils.load_checkpoint(path)  # weights only, memory-mapped
         return cls.from_checkpoint(ckpt, device=device, dtype=dtype, value_head=value_head, source=path)
 
     @classmethod

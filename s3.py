@@ -6,6 +6,9 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_PROFILE, ~/.aw
 AWS_MAX_ATTEMPTS, ...), so MinIO, R2 or moto work by setting the usual variables. How long an
 upload keeps trying is the uploader's own retry loop (WMTP_S3_MAX_RETRIES, default 5 retries;
 WMTP_S3_BACKOFF, default 1.0 s, doubled after each failure: about 30 s of waiting per checkpoint).
+Errors that a retry cannot heal (no credentials, access denied, no such bucket: PERMANENT_CODES)
+give up at once. A training run whose checkpoints did not all reach S3 exits with code 3
+(train_common.EXIT_S3_FAILED) after its report; the checkpoints are in out_dir.
 
 Layout under s3://bucket/prefix/: one object per checkpoint (`prefix/name`) and `manifest.json`,
 which lists only complete uploads and is written after them. A reader that follows the manifest
@@ -74,6 +77,25 @@ def _transfer_config():
 def _is_missing(e):
     code = getattr(e, "response", {}).get("Error", {}).get("Code")
     return code in ("NoSuchKey", "404", "NotFound")
+
+
+# error codes that retrying cannot heal: credentials, permissions, the bucket itself
+PERMANENT_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "AccountProblem", "InvalidAccessKeyId",
+                   "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "NoSuchBucket", "InvalidBucketName",
+                   "PermanentRedirect", "AuthorizationHeaderMalformed"}
+
+
+def _cannot_heal(e):
+    """True for an error that a retry would only repeat: no or wrong credentials, access denied, no
+    such bucket. boto3 wraps a client error in S3UploadFailedError, so the exception chain is searched."""
+    from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError, PartialCredentialsError
+    while e is not None:
+        if isinstance(e, (NoCredentialsError, PartialCredentialsError, ParamValidationError)):
+            return True
+        if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in PERMANENT_CODES:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class S3Uploader:
@@ -192,12 +214,13 @@ class S3Uploader:
                     self._waiting.remove(name)
 
     def _retry(self, what, fn):
-        """fn() with up to max_retries retries and exponential backoff; re-raises the last error."""
+        """fn() with up to max_retries retries and exponential backoff; re-raises the last error, and
+        at once an error that cannot heal (no credentials, access denied, no such bucket, ...)."""
         for attempt in range(self.max_retries + 1):
             try:
                 return fn()
             except Exception as e:
-                if attempt == self.max_retries or self._abort.is_set():
+                if attempt == self.max_retries or self._abort.is_set() or _cannot_heal(e):
                     raise
                 delay = self.backoff * 2 ** attempt
                 print(f"s3: {what} failed ({_one_line(e)}); retry {attempt + 1}/"
@@ -234,7 +257,7 @@ class S3Uploader:
             if self._manifest is None:
                 self._manifest = self._retry(f"read of {MANIFEST}", self._read_manifest)
         except Exception as e:
-            self._give_up(name, _one_line(e))
+            self._give_up(name, _one_line(e) + ("; cannot heal, not retried" if _cannot_heal(e) else ""))
             return
 
         entries = [c for c in self._manifest["checkpoints"] if c["name"] != name]
@@ -258,7 +281,8 @@ class S3Uploader:
         try:
             self._retry(f"write of {MANIFEST}", write)
         except Exception as e:
-            self._give_up(name, f"uploaded but {MANIFEST} not written: {_one_line(e)}")
+            self._give_up(name, f"uploaded but {MANIFEST} not written: {_one_line(e)}"
+                                + ("; cannot heal, not retried" if _cannot_heal(e) else ""))
             return
         self._manifest = manifest
         with self._lock:

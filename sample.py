@@ -39,12 +39,7 @@ def resolve_init(init_from):
     if os.path.isdir(path):  # a Meta or Hugging Face directory
         stage = "meta" if os.path.isfile(os.path.join(path, "params.json")) else "hf"
         return path, None, {"data": {}, "stage": stage, "iter": None}
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: weights are not read
-    except Exception as e:  # noqa: BLE001  (a truncated or foreign file)
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: not a wmtp checkpoint (needs 'model' and 'model_args' entries)")
+    ckpt = ddp_utils.load_checkpoint(path)  # memory-mapped: the weights are not read here
     return path, path, {"data": dict(ckpt.get("data") or {}), "stage": ckpt.get("stage"), "iter": ckpt.get("iter")}
 
 
@@ -159,13 +154,13 @@ if __name__ == "__main__":
     num_samples = 3  # samples per prompt (speculative: greedy, so one)
     max_new_tokens = 128  # new tokens per sample
     temperature = 0.8  # 0 = greedy; ignored by speculative (always greedy)
-    top_k = 200  # keep the top_k logits (None = all)
+    top_k: int | None = 200  # keep the top_k logits (None = all)
     seed = 1337
     device = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype = "auto"  # auto (bfloat16 on a GPU with bf16, else float32) | float32 | bfloat16 | float16
     speculative = False  # self-speculative greedy decoding (heads 1..n-1 draft, head 0 verifies)
     compare = True  # with speculative: also run plain greedy, check equality and time both
-    exec(open("configurator.py").read())  # overrides from the command line or a config file
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     # -----------------------------------------------------------------------------
 
     try:
@@ -178,7 +173,8 @@ if __name__ == "__main__":
             if ckpt_file is None:  # the directory's tokenizer.model, else its tokenizer.json
                 tokenizer = tokenizer_file_in(load_path) or os.path.join(load_path, "tokenizer.model")
             else:
-                tokenizer = find_file(data_info.get("tokenizer"), os.path.dirname(ckpt_file), data_info.get("dir", ""))
+                tokenizer = find_file(data_info.get("tokenizer"), os.path.dirname(ckpt_file), data_info.get("dir", ""),
+                                      os.path.dirname(os.path.abspath(__file__)))  # runs usually start in the repo root
                 if tokenizer is None:
                     raise ValueError(f"{ckpt_file}: no usable tokenizer in the checkpoint's data entry "
                                      f"({data_info.get('tokenizer')!r}); pass --tokenizer=PATH")

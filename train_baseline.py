@@ -39,7 +39,7 @@ log_interval = 10  # iterations between log lines
 eval_only = False  # evaluate init_from once, log, exit
 # data
 data_dir = "data/arith"
-n_samples = None  # use at most this many training rows (None: all)
+n_samples: int | None = None  # use at most this many training rows (None: all)
 balance_correct = False  # sample correct/incorrect rows at correct_ratio
 correct_ratio = 0.5  # fraction of correct rows when balance_correct (1.0: correct only)
 max_length = 256  # tokens per row; longer rows are cut or dropped (see overflow)
@@ -48,9 +48,9 @@ overflow = "truncate"  # 'truncate' (cut the completion) | 'drop'
 dim = 128
 n_layers = 5  # trunk + heads: layers[:-1] is the trunk, then n_future_tokens head blocks
 n_heads = 4
-n_kv_heads = None  # None: = n_heads
+n_kv_heads: int | None = None  # None: = n_heads
 multiple_of = 32
-ffn_dim_multiplier = None
+ffn_dim_multiplier: float | None = None
 norm_eps = 1e-5
 rope_theta = 10000.0
 n_future_tokens = 4  # heads; also given to a one-head init_from (an HF LLaMA): copies of its last block
@@ -60,11 +60,11 @@ trainable = "all"  # 'all' | 'heads' (trunk frozen)
 batch_size = 32  # sequences per micro-step per rank
 gradient_accumulation_steps = 1  # micro-steps per optimizer step
 n_epochs = 1  # used when max_iters is None
-max_iters = None  # optimizer steps (None: n_epochs over the training set)
+max_iters: int | None = None  # optimizer steps (None: n_epochs over the training set)
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 20
-lr_decay_iters = None  # None: max_iters
+lr_decay_iters: int | None = None  # None: max_iters
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -83,7 +83,7 @@ seed = 1337
 wandb_log = False
 wandb_project = "wmtp"
 wandb_run_name = "baseline"
-s3_uri = None  # 's3://bucket/prefix': rank 0 uploads checkpoints in the background
+s3_uri: str | None = None  # 's3://bucket/prefix': rank 0 uploads checkpoints in the background
 s3_keep = 3  # newest checkpoints kept on S3 (plus the best)
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
@@ -136,8 +136,7 @@ def save_all_ranks(names, optimizer=optimizer):
 
 if eval_only:
     tc.report(logger, ctx, {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast)})
-    tc.finish_run(logger, uploader, ctx)
-    raise SystemExit(0)
+    raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -209,4 +208,4 @@ while state["iter"] < max_iters:
         t_log = time.time()  # evaluation time is not training throughput
 
 save_all_ranks(("final.pt",), optimizer=None)  # weights only
-tc.finish_run(logger, uploader, ctx)
+raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3

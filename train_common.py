@@ -22,10 +22,14 @@ from data.loader import TokenDataset, check_tokenizer, load_meta, make_loader
 from model import Transformer, flops_per_token
 from tokenizer import Tokenizer
 
+EXIT_S3_FAILED = 3  # the run finished and wrote its checkpoints to out_dir, but not all of them reached S3
+
 
 def check_config(config: dict, ctx):
     """Settings errors that must stop a run before any work: one line each, exit 2. Reads only the
     keys named here (those the four scripts share)."""
+    if not str(config["out_dir"]).strip():
+        fail("out_dir is empty: give the folder for checkpoints and metrics.jsonl, e.g. --out_dir=out/run1")
     dtype = config["dtype"]
     if dtype not in ("float32", "bfloat16"):
         fail(f"dtype {dtype!r}: use 'float32' or 'bfloat16'")
@@ -310,14 +314,20 @@ def start_run(out_dir, ctx, config: dict, wandb_log=False, wandb_project="wmtp",
     return logger, uploader
 
 
-def finish_run(logger, uploader, ctx):
-    """Wait for pending uploads (saying what did not reach S3), close the log, leave the process
-    group. Every rank calls it last."""
+def finish_run(logger, uploader, ctx) -> int:
+    """Wait for pending S3 uploads, close the log, leave the process group. Returns the exit code:
+    0, or EXIT_S3_FAILED on rank 0 when checkpoints did not reach S3 (they are all in out_dir)."""
+    code = 0
     if uploader is not None:
-        uploader.close(timeout=600)
+        not_uploaded = uploader.close(timeout=600)  # waits for pending uploads; prints what did not reach S3
+        if not_uploaded:
+            print(error_line(f"{len(not_uploaded)} checkpoint(s) did not reach {uploader.uri}; they are in out_dir "
+                             f"(exit code {EXIT_S3_FAILED})"), file=sys.stderr, flush=True)
+            code = EXIT_S3_FAILED
     if logger is not None:
         logger.finish()
     ddp_utils.cleanup()
+    return code
 
 
 def mfu(model, ctx, dtype: str, tokens_per_s: float, seq_len: float):

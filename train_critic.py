@@ -38,7 +38,7 @@ log_interval = 10
 eval_only = False  # evaluate init_from once, log, exit
 # data
 data_dir = "data/arith"
-n_samples = None  # use at most this many training rows (None: all)
+n_samples: int | None = None  # use at most this many training rows (None: all)
 balance_correct = True  # a critic needs both labels: sample them at correct_ratio
 correct_ratio = 0.5
 max_length = 256
@@ -49,11 +49,11 @@ trainable = "value_head"  # 'value_head' (trunk frozen, as the stage is defined)
 batch_size = 32
 gradient_accumulation_steps = 1
 n_epochs = 1
-max_iters = None  # None: n_epochs over the training set
+max_iters: int | None = None  # None: n_epochs over the training set
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 20
-lr_decay_iters = None
+lr_decay_iters: int | None = None
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
@@ -69,7 +69,7 @@ seed = 1337
 wandb_log = False
 wandb_project = "wmtp"
 wandb_run_name = "critic"
-s3_uri = None
+s3_uri: str | None = None
 s3_keep = 3
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
@@ -121,8 +121,7 @@ def save_all_ranks(names, optimizer=optimizer):
 if eval_only:
     metrics = evaluate_all_ranks(model, val_loader, ctx, autocast, heads=False, value=True, value_target=value_target)
     tc.report(logger, ctx, {"iter": state["iter"], **metrics})
-    tc.finish_run(logger, uploader, ctx)
-    raise SystemExit(0)
+    raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -192,4 +191,4 @@ while state["iter"] < max_iters:
         t_log = time.time()
 
 save_all_ranks(("final.pt",), optimizer=None)  # weights only
-tc.finish_run(logger, uploader, ctx)
+raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3

@@ -41,7 +41,7 @@ log_interval = 10
 eval_only = False
 # data
 data_dir = "data/arith"
-n_samples = None
+n_samples: int | None = None
 balance_correct = False
 correct_ratio = 0.5
 max_length = 256
@@ -57,11 +57,11 @@ trainable = "all"  # 'all' | 'heads'
 batch_size = 32
 gradient_accumulation_steps = 1
 n_epochs = 1
-max_iters = None
+max_iters: int | None = None
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 20
-lr_decay_iters = None
+lr_decay_iters: int | None = None
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -79,7 +79,7 @@ seed = 1337
 wandb_log = False
 wandb_project = "wmtp"
 wandb_run_name = "rho1"
-s3_uri = None
+s3_uri: str | None = None
 s3_keep = 3
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
@@ -177,8 +177,7 @@ def step_selection(micro_batches, ref_ces):
 
 if eval_only:
     tc.report(logger, ctx, {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast)})
-    tc.finish_run(logger, uploader, ctx)
-    raise SystemExit(0)
+    raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -262,4 +261,4 @@ while state["iter"] < max_iters:
         t_log = time.time()
 
 save_all_ranks(("final.pt",), optimizer=None)  # weights only
-tc.finish_run(logger, uploader, ctx)
+raise SystemExit(tc.finish_run(logger, uploader, ctx))  # 0, or 3: checkpoints missing on S3

@@ -112,13 +112,20 @@ class TokenDataset(torch.utils.data.Dataset):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} not found (splits in {data_dir}/meta.json: "
                                         f"{', '.join(self.meta['splits']) or 'none'})")
-        idx = np.load(idx_path)  # (N, 5) int64: offset, prompt_len, length, label, problem
+        try:
+            idx = np.load(idx_path)  # (N, 5) int64: offset, prompt_len, length, label, problem
+        except (ValueError, EOFError, OSError) as e:  # e.g. a truncated file
+            raise ValueError(f"{idx_path}: not a readable index (truncated file?): {e}") from None
         if idx.ndim != 2 or idx.shape[1] != 5:
             raise ValueError(f"{idx_path}: expected an (N, 5) index, got shape {idx.shape}")
         if len(idx) == 0:
             raise ValueError(f"{idx_path}: split '{split}' is empty")
-        if os.path.getsize(bin_path) == 0:
+        size, itemsize = os.path.getsize(bin_path), np.dtype(self.meta["dtype"]).itemsize
+        if size == 0:
             raise ValueError(f"{bin_path}: empty token file (split '{split}' has {len(idx)} rows in {idx_path})")
+        if size % itemsize:
+            raise ValueError(f"{bin_path}: {size} bytes is not a whole number of {self.meta['dtype']} tokens "
+                             f"(truncated file?)")
         self.tokens = np.memmap(bin_path, dtype=self.meta["dtype"], mode="r")  # (total tokens,)
         fe_path = os.path.join(data_dir, f"{split}.first_error.npy")  # step labels, where the data has them
         self.first_error = np.load(fe_path) if os.path.isfile(fe_path) else np.full(len(idx), -1, dtype=np.int64)

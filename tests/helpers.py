@@ -5,6 +5,7 @@ and the loss oracles the model's training step is checked against."""
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -65,3 +66,29 @@ def weights_head_loss(weights):
         w_k = weights[..., k].to(ce_k.dtype)
         return (w_k * ce_k).sum() / (w_k > 0).sum().clamp(min=1)
     return head_loss
+
+
+def run_script(argv, monkeypatch):
+    """python script argv..., in this process (a subprocess would spend seconds importing torch);
+    argv[0] is the script, relative to the repo root. Returns the exit code."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", list(argv))
+    try:
+        runpy.run_path(os.path.join(ROOT, argv[0]), run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def rss_bytes():
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+# texts every tokenizer kind must round-trip
+TEXTS = ["Compute: 3 + 4 * (12 - 5)\n= 3 + 28\nAnswer: 31", "def f(x):\n    return x * 2  # twice\n",
+         "The quick brown fox jumps over the lazy dog.", "numbers 1234567890 and tabs\there"] * 20
+SAMPLES = ["hello world", "Answer: -1234\n", "  leading and trailing  ", "multi\nline\n\ntext\n", "é ü 漢字 🙂",
+           "<s></s><pad> <|begin_of_text|>", ""]
+

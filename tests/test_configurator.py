@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from configurator import ConfigError, apply_overrides
+from configurator import ConfigError, apply_overrides, declared_types
 
 CONFIGURATOR = Path(__file__).resolve().parents[1] / "configurator.py"
 
@@ -18,18 +18,20 @@ batch_size = 8              # int
 learning_rate = 3e-4        # float
 compile = False             # bool, and shadows the builtin compile() as in nanoGPT
 out_dir = 'out'             # str
-s3_uri = None               # None: any type
-max_length = None
+s3_uri: str | None = None   # a None default needs a type
+max_length: int | None = None
+top_k: int | None = 200     # an annotation also lets a non-None default take None
 betas = (0.9, 0.95)         # tuple
 _names_before = set(globals())
 exec(open({str(CONFIGURATOR)!r}).read())
 _leaked = sorted(k for k in set(globals()) - _names_before - {{'_names_before'}} if not k.startswith('__'))
 print('RESULT', repr(dict(batch_size=batch_size, learning_rate=learning_rate, compile=compile, out_dir=out_dir,
-                          s3_uri=s3_uri, max_length=max_length, betas=betas, leaked=_leaked)))
+                          s3_uri=s3_uri, max_length=max_length, top_k=top_k, betas=betas, leaked=_leaked)))
 """
 
 DEFAULTS = dict(batch_size=8, learning_rate=3e-4, compile=False, out_dir="out", s3_uri=None, max_length=None,
-                betas=(0.9, 0.95))
+                top_k=200, betas=(0.9, 0.95))
+TYPES = dict(s3_uri=(str, type(None)), max_length=(int, type(None)), top_k=(int, type(None)))
 
 
 @pytest.fixture
@@ -72,15 +74,15 @@ def test_argv_overrides_and_fixed_nanogpt_limitations(run):
                     "--s3_uri=s3://bucket/prefix?x=1", "--max_length=512", "--betas=[0.8, 0.9]")
     assert p.returncode == 0, p.stderr
     assert result == dict(batch_size=16, learning_rate=1.0, compile=True, out_dir="123",
-                          s3_uri="s3://bucket/prefix?x=1", max_length=512, betas=(0.8, 0.9), leaked=[])
+                          s3_uri="s3://bucket/prefix?x=1", max_length=512, top_k=200, betas=(0.8, 0.9), leaked=[])
     assert isinstance(result["learning_rate"], float)                  # int converted for a float default
     assert "Overriding: batch_size = 16" in p.stdout
 
 
 def test_values_containing_equals_and_none(run):
-    p, result = run("--out_dir=a=b", "--s3_uri='k=v'", "--max_length=None")
+    p, result = run("--out_dir=a=b", "--s3_uri='k=v'", "--max_length=None", "--top_k=None")
     assert p.returncode == 0, p.stderr
-    assert (result["out_dir"], result["s3_uri"], result["max_length"]) == ("a=b", "k=v", None)
+    assert (result["out_dir"], result["s3_uri"], result["max_length"], result["top_k"]) == ("a=b", "k=v", None, None)
     p, result = run("--s3_uri=s3://b/p", "--s3_uri=None")              # later override wins, None allowed
     assert result["s3_uri"] is None
 
@@ -120,7 +122,10 @@ def test_unknown_key_in_config_file(run, tmp_path):
     ("--compile=1", "--compile expects bool, got '1'"),                 # no int-for-bool
     ("--batch_size=2.5", "--batch_size expects int, got '2.5'"),
     ("--batch_size=True", "--batch_size expects int, got 'True'"),
-    ("--batch_size=None", "--batch_size expects int, got 'None'"),      # None only for None defaults
+    ("--batch_size=None", "--batch_size expects int, got 'None'"),      # None only where the type says so
+    ("--max_length=abc", "--max_length expects int or None, got 'abc'"),  # a None default is typed too
+    ("--max_length=2.5", "--max_length expects int or None, got '2.5'"),
+    ("--top_k=[1]", "--top_k expects int or None, got '[1]'"),
     ("--learning_rate", "expected --key=value, got '--learning_rate'"),
     ("batch_size=3", "expected a config file or --key=value"),
 ])
@@ -134,6 +139,17 @@ def test_wrong_type_in_config_file(run, tmp_path):
     cfg.write_text("compile = 'yes'\n")
     p, _ = run(str(cfg))
     check_error(p, "compile in", "typo_cfg.py", "expects bool")
+    cfg.write_text("s3_uri = 5\n")                                    # str | None: the raw-text rule is for argv only
+    p, _ = run(str(cfg))
+    check_error(p, "s3_uri in", "typo_cfg.py", "expects str or None, got 5")
+
+
+def test_none_default_without_a_type_is_refused(tmp_path):
+    """A fork that adds `foo = None` learns at once that the setting needs a type."""
+    script = tmp_path / "train_tiny.py"
+    script.write_text(SCRIPT.replace("batch_size = 8 ", "foo = None\nbatch_size = 8 "))
+    p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    check_error(p, "setting 'foo' defaults to None but has no type", "foo: int | None = None")
 
 
 def test_missing_and_broken_config_file(run, tmp_path):
@@ -148,14 +164,29 @@ def test_missing_and_broken_config_file(run, tmp_path):
 def test_help(run):
     p, result = run("--help")
     assert p.returncode == 0 and result is None
-    assert "--learning_rate=0.0003" in p.stdout and "--s3_uri=None" in p.stdout
+    assert "--learning_rate=0.0003  (float)" in p.stdout and "--s3_uri=None  (str | None)" in p.stdout
+    assert "--top_k=200  (int | None)" in p.stdout
 
 
 def test_apply_overrides_in_process(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("batch_size = 2\n")
-    out = apply_overrides(dict(DEFAULTS), [str(cfg), "--learning_rate=2", "--out_dir=x=y"])
+    out = apply_overrides(dict(DEFAULTS), [str(cfg), "--learning_rate=2", "--out_dir=x=y"], types=TYPES)
     assert out == dict(DEFAULTS, batch_size=2, learning_rate=2.0, out_dir="x=y")
     assert DEFAULTS["batch_size"] == 8                                  # input not modified
     with pytest.raises(ConfigError, match="unknown config key 'nope'"):
-        apply_overrides(DEFAULTS, ["--nope=1"])
+        apply_overrides(DEFAULTS, ["--nope=1"], types=TYPES)
+    with pytest.raises(ConfigError, match="setting 'max_length' defaults to None but has no type"):
+        apply_overrides(DEFAULTS, [])
+
+
+def test_declared_types_read_from_the_source(tmp_path):
+    """Annotations come from the script's text (Python 3.14 evaluates module annotations lazily),
+    also inside `if __name__ == "__main__":` where eval.py and sample.py keep their settings."""
+    script = tmp_path / "s.py"
+    script.write_text("a: int | None = None\nb = 1\nif __name__ == '__main__':\n    c: float | None = 2.0\n"
+                      "    d: str = 'x'\ndef f():\n    e: int = 1\n")
+    assert declared_types(str(script)) == {"a": (int, type(None)), "c": (float, type(None)), "d": (str,)}
+    script.write_text("a: Optional[int] = None\n")
+    with pytest.raises(ConfigError, match="s.py:1: unsupported setting annotation 'Optional\\[int\\]'"):
+        declared_types(str(script))

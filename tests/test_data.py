@@ -390,6 +390,29 @@ def test_loader_errors(arith_dir, tmp_path, sp_model):
         check_tokenizer(load_meta(arith_dir), Tokenizer(sp_model))
 
 
+def test_truncated_token_files_name_the_file(arith_dir, tmp_path):
+    """A token file or index cut short (a copy that stopped early) is a one-line error naming the
+    file and what is wrong, not numpy's message."""
+    import shutil
+    d = tmp_path / "cut"
+    shutil.copytree(arith_dir, d)
+    bin_path, idx_path = d / "val.bin", d / "val.idx.npy"
+    data = bin_path.read_bytes()
+    bin_path.write_bytes(data[:-1])  # half a uint16 token
+    with pytest.raises(ValueError) as e:
+        TokenDataset(str(d), "val")
+    assert str(e.value) == f"{bin_path}: {len(data) - 1} bytes is not a whole number of uint16 tokens (truncated file?)"
+    bin_path.write_bytes(data[:-4])  # two whole tokens short
+    with pytest.raises(ValueError) as e:
+        TokenDataset(str(d), "val")
+    assert str(e.value) == (f"{bin_path}: holds {len(data) // 2 - 2} tokens, fewer than {idx_path} indexes "
+                            f"(truncated file?)")
+    bin_path.write_bytes(data)
+    idx_path.write_bytes(idx_path.read_bytes()[:-7])
+    with pytest.raises(ValueError, match=f"^{idx_path}: not a readable index \\(truncated file\\?\\): "):
+        TokenDataset(str(d), "val")
+
+
 # -----------------------------------------------------------------------------
 # writing: atomic, and one-line errors for bad raw rows
 

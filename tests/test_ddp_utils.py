@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import ddp_utils
-from ddp_utils import (MetricsLogger, clean_state_dict, format_metrics, get_rng_state, load_checkpoint,
-                       remove_stale_temp_files, save_checkpoint, set_rng_state, unwrap)
+from ddp_utils import (MetricsLogger, clean_state_dict, convert_trusted_checkpoint, format_metrics, get_rng_state,
+                       load_checkpoint, load_weights, remove_stale_temp_files, save_checkpoint, set_rng_state, unwrap)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,13 +81,13 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    ckpt = load_checkpoint(str(path))
+    ckpt = load_weights(str(path))
     assert ckpt["iter"] == 1 and torch.equal(ckpt["x"], torch.full((1000,), 1.0))
     tmp = tmp_path / f".ckpt.pt.tmp.{proc.pid}"
     assert tmp.is_file() and tmp.stat().st_size > 0  # the half-written temp file is left behind
     assert remove_stale_temp_files(str(tmp_path)) == [str(tmp)]
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "saver.py"]
-    assert load_checkpoint(str(path))["iter"] == 1
+    assert load_weights(str(path))["iter"] == 1
 
 
 LOOP_SAVER = """
@@ -116,7 +116,7 @@ def test_random_sigkill_during_save_loop(tmp_path):
             proc.wait(timeout=10)
         finally:
             proc.kill()
-        ckpt = load_checkpoint(str(path))
+        ckpt = load_weights(str(path))
         assert ckpt["iter"] >= 2
         assert torch.equal(ckpt["x"], torch.full((2_000_000,), float(ckpt["iter"])))
         remove_stale_temp_files(str(tmp_path))
@@ -131,7 +131,7 @@ def test_checkpoint_mode_follows_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == mode
-    assert load_checkpoint(path) == {"a": 1}
+    assert load_weights(path) == {"a": 1}
 
 
 def test_failed_save_keeps_previous_and_leaves_no_temp(tmp_path):
@@ -139,19 +139,70 @@ def test_failed_save_keeps_previous_and_leaves_no_temp(tmp_path):
     save_checkpoint(path, {"iter": 1})
     with pytest.raises(Exception):
         save_checkpoint(path, {"iter": 2, "bad": lambda: 0})  # lambdas do not pickle
-    assert load_checkpoint(path) == {"iter": 1}
+    assert load_weights(path) == {"iter": 1}
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_load_checkpoint_errors_name_the_file(tmp_path):
+    """Each is one line naming the file and what it is not (issue 15, item 8)."""
     missing = str(tmp_path / "nope.pt")
     with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nope.pt"):
         load_checkpoint(missing)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(ValueError) as e:
-        load_checkpoint(str(corrupt))
-    assert str(corrupt) in str(e.value) and "\n" not in str(e.value)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    truncated = tmp_path / "truncated.pt"
+    save_checkpoint(str(truncated), {"model": {"w": torch.zeros(1000)}, "model_args": {}})
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    for path, what in [(corrupt, "not a zip archive as torch.save writes"),
+                       (truncated, "not a zip archive as torch.save writes"),
+                       (tensor, "holds a Tensor, not a dict with 'model' and 'model_args'")]:
+        with pytest.raises(ValueError) as e:
+            load_checkpoint(str(path))
+        assert str(e.value).startswith(f"{path}: not a wmtp checkpoint (") and what in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+class _Hostile:
+    """Unpickling it would create a file (and could run anything else)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_never_run_code(tmp_path):
+    """load_weights / load_checkpoint are weights-only: a pickle calling os.system is refused, one line."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "hostile.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "model_args": {}, "x": _Hostile(marker)}, path)
+    for load in (load_checkpoint, load_weights):
+        with pytest.raises(ValueError) as e:
+            load(str(path))
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: holds objects beyond tensors and plain containers (posix.system), refused")
+        assert "convert_trusted_checkpoint" in msg and "\n" not in msg
+    assert not marker.exists()
+
+
+def test_old_checkpoint_refused_then_converted(tmp_path):
+    """A checkpoint of the code before issue 15 kept numpy's RNG key array as an ndarray: refused,
+    and readable after convert_trusted_checkpoint, with the same RNG stream."""
+    np.random.seed(3)
+    state = get_rng_state()
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    old = dict(state, numpy=(name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    path = str(tmp_path / "old.pt")
+    torch.save({"model": {}, "model_args": {}, "rng": [old]}, path)
+    with pytest.raises(ValueError, match="numpy.*refused"):
+        load_checkpoint(path)
+    expected = np.random.rand(3).tolist()
+    set_rng_state(convert_trusted_checkpoint(path)["rng"][0])
+    assert np.random.rand(3).tolist() == expected
+    assert torch.load(path, weights_only=True)["rng"][0]["numpy"][1] == keys
 
 
 def test_clean_state_dict_and_unwrap():
@@ -169,10 +220,10 @@ def test_rng_state_round_trip(tmp_path):
     path = save_checkpoint(str(tmp_path / "rng.pt"), {"rng": get_rng_state()})
     first = (random.random(), np.random.rand(5).tolist(), torch.randn(5).tolist())
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
-    set_rng_state(load_checkpoint(path)["rng"])
+    set_rng_state(load_weights(path)["rng"])
     assert (random.random(), np.random.rand(5).tolist(), torch.randn(5).tolist()) == first
     if not torch.cuda.is_available():
-        state = load_checkpoint(path)["rng"]
+        state = load_weights(path)["rng"]
         state["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # a GPU checkpoint resumed on a CPU
         set_rng_state(state)
         assert random.random() == first[0]

@@ -248,3 +248,25 @@ def test_eval_script_errors(arith_dir, tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         check_vocab(other, tok, load_meta(arith_dir), {"vocab_size": tok.n_words + 100, "dir": "data/other"})
     check_vocab(other, tok, load_meta(arith_dir), {"vocab_size": tok.n_words})
+
+
+def test_damaged_split_is_one_line_with_file_and_line(arith_dir, tmp_path, run_main):
+    """A {split}.jsonl with a truncated line or a row without `prompt` is checked as data
+    preparation checks rows (data/format.py): one line naming the file and the line, exit 2, before
+    any generation."""
+    import shutil
+    tok = Tokenizer(os.path.join(arith_dir, "tokenizer.model"))
+    save_checkpoint(str(tmp_path / "m.pt"), Transformer(micro_args(tok.n_words)), arith_dir)
+    data = tmp_path / "data"
+    shutil.copytree(arith_dir, data)
+    path = data / "test.jsonl"
+    lines = path.read_text().splitlines()
+    no_prompt = {k: v for k, v in json.loads(lines[1]).items() if k != "prompt"}
+    for damaged, where in [(lines[:-1] + [lines[-1][:25]], f"{path}:{len(lines)}: malformed JSON"),
+                           ([lines[0], json.dumps(no_prompt)] + lines[2:], f"{path}:2: missing field 'prompt'")]:
+        path.write_text("\n".join(damaged) + "\n")
+        code, out, err = run_main("eval.py", f"--init_from={tmp_path / 'm.pt'}", f"--data_dir={data}", "--device=cpu",
+                                  f"--out={tmp_path / 'eval.json'}")
+        assert (code, err.count("\n")) == (2, 1), err
+        assert err.startswith(f"eval.py: error: {where}"), err
+        assert not (tmp_path / "eval.json").exists()

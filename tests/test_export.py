@@ -6,13 +6,12 @@ import base64
 import dataclasses
 import json
 import os
-import runpy
-import sys
 
 import pytest
 import torch
 
 from ddp_utils import save_checkpoint
+from tests.helpers import run_script
 from export import export_checkpoint
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
@@ -277,21 +276,10 @@ def test_refuses_existing_dir_and_bad_inputs(run, tmp_path):
     export_checkpoint(str(tmp_path / "big"), str(tmp_path / "x"), dtype="bfloat16")  # bf16 has fp32's range
 
 
-def run_script(argv, monkeypatch):
-    """python export.py argv..., in this process (a subprocess would spend seconds importing torch)."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sys, "argv", ["export.py", *argv])
-    try:
-        runpy.run_path(os.path.join(REPO, "export.py"), run_name="__main__")
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
 def test_cli(run, tmp_path, monkeypatch, capsys):
     _, run_dir, _ = run
     out = str(tmp_path / "export")
-    argv = [f"--ckpt={run_dir}", f"--out_dir={out}", "--dtype=float32"]
+    argv = ["export.py", f"--ckpt={run_dir}", f"--out_dir={out}", "--dtype=float32"]
     assert run_script(argv, monkeypatch) == 0
     stdout = capsys.readouterr().out
     assert "consolidated.pth" in stdout and "48 tensors, float32" in stdout and "value_head.pth" in stdout
@@ -316,6 +304,6 @@ def test_interrupted_export_leaves_nothing(run, tmp_path, monkeypatch):
 
 
 def test_cli_settings(monkeypatch, capsys):
-    assert run_script(["--help"], monkeypatch) == 0
+    assert run_script(["export.py", "--help"], monkeypatch) == 0
     listed = [line.split("=")[0].strip() for line in capsys.readouterr().out.splitlines()[1:]]
     assert listed == ["--ckpt", "--dtype", "--format", "--out_dir", "--overwrite", "--tokenizer"]

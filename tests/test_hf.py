@@ -16,10 +16,7 @@ import torch.nn.functional as F
 from ddp_utils import save_checkpoint
 from export import export_checkpoint
 from model import ModelArgs, Transformer, llama3_scaled_freqs
-from tests.test_export import run_script
-from tests.test_model import rss_bytes
-from tests.test_tokenizer import SAMPLES, TEXTS
-from tests.test_train import FAST, metrics, run, train_losses
+from tests.helpers import FAST, SAMPLES, TEXTS, metrics, rss_bytes, run, run_script, train_losses
 from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -234,7 +231,7 @@ def test_export_hf_loads_in_transformers_and_back_with_every_head(tmp_path, monk
                           format="hf")
 
     out = str(tmp_path / "export")
-    assert run_script([f"--ckpt={tmp_path / 'run'}", f"--out_dir={out}", "--format=hf", "--dtype=float32"],
+    assert run_script(["export.py", f"--ckpt={tmp_path / 'run'}", f"--out_dir={out}", "--format=hf", "--dtype=float32"],
                       monkeypatch) == 0
     assert "wmtp_heads.safetensors" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "wmtp_heads.safetensors"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import ModelArgs, Transformer
-from tests.helpers import weighted_mtp_ce, weights_head_loss
+from tests.helpers import rss_bytes, weighted_mtp_ce, weights_head_loss
 
 torch.set_num_threads(2)
 
@@ -435,11 +435,6 @@ def test_padded_vocab_masks_the_padded_ids(ce_chunk_size, naive):
 
 # -----------------------------------------------------------------------------
 # loading without host copies
-
-def rss_bytes():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
 
 def test_checkpoint_loads_memory_mapped_without_a_host_copy(tmp_path):
     """Transformer.load(dtype=None) (what train_common.init_model uses) builds the model on the meta

@@ -262,12 +262,32 @@ def test_s3_down_training_completes_and_reports(data_dir, tmp_path):
     out = str(tmp_path / "run")
     t0 = time.monotonic()
     p = run(["train_baseline.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
-             f"--s3_uri={uri}", *MICRO, *FAST], env=env, timeout=120)
+             f"--s3_uri={uri}", *MICRO, *FAST], expect=3, env=env, timeout=120)  # 3: checkpoints missing on S3
     assert time.monotonic() - t0 < 100
-    assert "s3: giving up on ckpt_0000002.pt" in p.stdout
+    assert "s3: giving up on ckpt_0000002.pt" in p.stdout and "retry 1/1" in p.stdout  # a network error can heal
     assert f"s3: 2 checkpoint(s) NOT uploaded to {uri}: ckpt_0000002.pt, final_0000002.pt" in p.stdout
+    assert p.stderr.strip().splitlines()[-1] == (f"train_baseline.py: error: 2 checkpoint(s) did not reach {uri}; "
+                                                 f"they are in out_dir (exit code 3)")
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
-    assert torch.load(os.path.join(out, "final.pt"), weights_only=False)["iter"] == 2
+    assert torch.load(os.path.join(out, "final.pt"), weights_only=True)["iter"] == 2
+
+
+def test_s3_bucket_missing_fails_fast_and_exits_3(s3_store, data_dir, tmp_path):
+    """A bucket that does not exist cannot heal: no retries (the default 5, with a 1 s backoff
+    doubling, wait ~31 s per checkpoint), the run finishes with every checkpoint in out_dir,
+    reports, and exits 3 (train_common.EXIT_S3_FAILED, README 'Exit codes')."""
+    uri = "s3://no-such-bucket/run"
+    out = str(tmp_path / "run")
+    t0 = time.monotonic()
+    p = run(["train_baseline.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+             f"--s3_uri={uri}", *MICRO, *FAST], expect=3, env={"WMTP_S3_MAX_RETRIES": "5", "WMTP_S3_BACKOFF": "1.0"})
+    assert time.monotonic() - t0 < 60 and "retry" not in p.stdout
+    assert p.stdout.count("NoSuchBucket") == 2 and p.stdout.count("cannot heal, not retried") == 2
+    assert f"s3: 2 checkpoint(s) NOT uploaded to {uri}: ckpt_0000002.pt, final_0000002.pt" in p.stdout
+    assert p.stderr.strip().splitlines()[-1] == (f"train_baseline.py: error: 2 checkpoint(s) did not reach {uri}; "
+                                                 f"they are in out_dir (exit code 3)")
+    assert [torch.load(os.path.join(out, name), weights_only=True)["iter"]
+            for name in ("ckpt.pt", "best.pt", "final.pt")] == [2, 2, 2]
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from moto.server import ThreadedMotoServer
 
 import s3
-from ddp_utils import load_checkpoint, save_checkpoint
+from ddp_utils import load_weights, save_checkpoint
 from s3 import S3Uploader, download_checkpoint, parse_s3_uri
 
 BUCKET = "wmtp-test"
@@ -117,10 +117,10 @@ def test_upload_manifest_and_download(server, tmp_path):
 
     path = download_checkpoint(f"s3://{BUCKET}/run1", str(tmp_path / "dl"))
     assert path == str(tmp_path / "dl" / "ckpt_000200.pt")
-    assert load_checkpoint(path)["iter"] == 200
+    assert load_weights(path)["iter"] == 200
     assert os.listdir(tmp_path / "dl") == ["ckpt_000200.pt"]
     best = download_checkpoint(f"s3://{BUCKET}/run1", str(tmp_path / "dl"), which="best")
-    assert load_checkpoint(best)["iter"] == 100
+    assert load_weights(best)["iter"] == 100
 
     # a corrupted object is caught by the manifest's sha256 and leaves no file behind
     client.put_object(Bucket=BUCKET, Key="run1/ckpt_000200.pt", Body=b"x" * m["checkpoints"][1]["size"])
@@ -255,3 +255,54 @@ def test_close_timeout_reports_pending(server, tmp_path):
     assert time.monotonic() - t0 < 3
     up._thread.join(timeout=10)  # the worker stops retrying once close() gave up on it
     assert not up._thread.is_alive()
+
+
+def test_errors_that_cannot_heal_fail_fast(server, tmp_path, capsys, monkeypatch):
+    """No such bucket, no credentials: each upload is given up after its first attempt (5 retries
+    with a 5 s backoff would take ~2.5 min each for an error that can heal) and reported."""
+    local = tmp_path / "ckpt.pt"
+    t0 = time.monotonic()
+    up = S3Uploader("s3://no-such-bucket/run1", keep=3, max_retries=5, backoff=5.0)
+    up.submit(make_ckpt(local, 1), "ckpt_1.pt")
+    up.submit(make_ckpt(local, 2), "ckpt_2.pt")
+    assert up.close(timeout=60) == ["ckpt_1.pt", "ckpt_2.pt"]
+    out = capsys.readouterr().out
+    assert out.count("NoSuchBucket") == 2 and out.count("; cannot heal, not retried); training continues") == 2
+    assert "s3: 2 checkpoint(s) NOT uploaded to s3://no-such-bucket/run1: ckpt_1.pt, ckpt_2.pt" in out
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup either
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # a fresh process: no credentials cached
+    up = S3Uploader(f"s3://{BUCKET}/run1", keep=3, max_retries=5, backoff=5.0)
+    up.submit(make_ckpt(local, 3), "ckpt_3.pt")
+    assert up.close(timeout=60) == ["ckpt_3.pt"]
+    out = capsys.readouterr().out
+    assert "NoCredentialsError: Unable to locate credentials; cannot heal, not retried" in out
+    assert "retry 1/" not in out and time.monotonic() - t0 < 20
+
+
+def test_which_errors_cannot_heal():
+    """Credentials, permissions and the bucket itself: not retried. Throttling, server errors and the
+    network: retried. boto3 wraps a client error of upload_file in S3UploadFailedError."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    def client_error(code):
+        return ClientError({"Error": {"Code": code, "Message": "m"}}, "PutObject")
+
+    for code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+        assert s3._cannot_heal(client_error(code)), code
+    assert s3._cannot_heal(NoCredentialsError())
+    try:
+        try:
+            raise client_error("AccessDenied")
+        except ClientError:
+            raise S3UploadFailedError("Failed to upload ckpt.pt to b/k: AccessDenied")
+    except S3UploadFailedError as e:
+        assert s3._cannot_heal(e)
+    for e in (client_error("SlowDown"), client_error("InternalError"), client_error("RequestTimeout"),
+              EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), ConnectionError("reset"), OSError("x")):
+        assert not s3._cannot_heal(e), e

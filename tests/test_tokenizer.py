@@ -9,12 +9,9 @@ import pytest
 import sentencepiece as spm
 
 import tokenizer as tokenizer_module
+from tests.helpers import SAMPLES, TEXTS
 from tokenizer import LLAMA3_SPECIAL_TOKENS, Tokenizer, tiktoken_cache_path, train_sentencepiece
 
-TEXTS = ["Compute: 3 + 4 * (12 - 5)\n= 3 + 28\nAnswer: 31", "def f(x):\n    return x * 2  # twice\n",
-         "The quick brown fox jumps over the lazy dog.", "numbers 1234567890 and tabs\there"] * 20
-SAMPLES = ["hello world", "Answer: -1234\n", "  leading and trailing  ", "multi\nline\n\ntext\n", "é ü 漢字 🙂",
-           "<s></s><pad> <|begin_of_text|>", ""]
 MERGES = [b"ab", b"cd", b"abcd", b"  ", b"in", b"ing"]  # each made of two earlier tokens
 
 
