@@ -163,8 +163,8 @@ def main(out_dir):
         table[run] = {"what": what, "seeds": nums, "mean": {k: c[0] for k, c in cells.items()},
                       "std": {k: c[1] for k, c in cells.items()}, "ci": ci, "paired": {}}
     for run in table:
-        for control, _ in CONTROLS:
-            if run != control and control in per_problem:
+        for control, _ in CONTROLS:  # (a critic generates as its base: nothing to compare)
+            if run != control and control in per_problem and not run.startswith(("base", "critic")):
                 table[run]["paired"][control] = {m: paired(per_problem[run], per_problem[control], m) for m, _ in METRICS}
 
     run, control, metric = PRIMARY
@@ -217,7 +217,39 @@ def main(out_dir):
         json.dump({"seeds": names, "runs": table, "decision": {"rule": list(PRIMARY), "result": primary,
                                                                 "verdict": verdict}}, f, indent=1)
     print(md)
+    write_report(out_dir, md, table, seeds)
     return table
+
+
+def write_report(out_dir, md, table, seeds):
+    """report.md: the tables, the figures (runs/plot.py, when matplotlib is installed) and the
+    settings: each run's command line (cmd.txt, written by runs/arith.sh) and the data's size."""
+    figures = []
+    try:
+        from runs.plot import plot_comparison, plot_curves
+    except ImportError as e:  # matplotlib missing: the tables are the report
+        print(f"summarize.py: no figures ({e})")
+    else:
+        figures.append(("pass@1 per run with 95% CIs", plot_comparison(read_json(os.path.join(out_dir, "results.json")),
+                                                                       os.path.join(out_dir, "comparison.png"))))
+        runs = [os.path.join(seeds[0], r) for r in table if os.path.isfile(os.path.join(seeds[0], r, "metrics.jsonl"))
+                and not r.startswith("critic")]
+        if runs:
+            figures.append((f"training and validation loss, {os.path.basename(seeds[0])}",
+                            plot_curves(runs, os.path.join(out_dir, "curves.png"))))
+    lines = ["# The arith study", "", md, "## Figures", ""]
+    lines += [f"![{title}]({os.path.basename(path)})" for title, path in figures] or ["(none: matplotlib is missing)"]
+    lines += ["", "## Settings", "", "Command line of every run (runs/arith.sh; the configs are in config/):", ""]
+    for seed in seeds:
+        for run in table:
+            cmd = os.path.join(seed, run, "cmd.txt")
+            if not os.path.isfile(cmd):
+                cmd = os.path.join(out_dir, run, "cmd.txt")
+            if os.path.isfile(cmd):
+                with open(cmd) as f:
+                    lines.append(f"- `{os.path.basename(seed)}/{run}`: `{f.read().strip()}`")
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
