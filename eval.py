@@ -521,7 +521,8 @@ if __name__ == "__main__":
         if split not in meta["splits"]:
             raise ValueError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
         load_problems(data_dir, split)  # damaged rows or token files stop here, before any generation
-        TokenDataset(data_dir, split)
+        if meta["tokenizer"] is not None:  # text-only data has no token files
+            TokenDataset(data_dir, split)
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(e)
     out_path = out or os.path.join(os.path.dirname(ckpt_file) if ckpt_file else load_path, "eval.json")

@@ -459,6 +459,7 @@ def test_checkpoint_loads_memory_mapped_without_a_host_copy(tmp_path):
     converted = Transformer.load(path, dtype=torch.float32)
     grown_converted = rss_bytes() - before
     assert grown_mapped < 0.1 * size, (grown_mapped, size)
-    assert grown_converted > 1.5 * size, (grown_converted, size)  # float32 copies: 2x the bf16 file
+    # float32 copies are 2x the bf16 file; the allocator may reuse up to 1x of memory freed above
+    assert grown_converted > 0.9 * size, (grown_converted, size)
     for k, v in expected.items():
         assert torch.equal(mapped.state_dict()[k], v) and torch.equal(converted.state_dict()[k].to(v.dtype), v), k
