@@ -7,7 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+pytestmark = pytest.mark.slow  # bench.py processes (make test-fast skips them)
 
 
 def bench(args, tmp_path):

@@ -435,6 +435,7 @@ def test_mbpp_original_and_sanitized(tmp_path):
 # a micro model, end to end, on a text-only code dataset
 
 
+@pytest.mark.slow
 def test_micro_model_on_text_only_code_dataset(tmp_path):
     """Plumbing: a random micro model generates for two function problems whose programs put the
     completion inside a raw string (no byte-fallback pieces, no quotes in the vocabulary, no stop

@@ -9,6 +9,8 @@ import torch
 from tests.helpers import FAST, MICRO, ROOT, metrics, run, train_losses, val_losses
 
 
+pytestmark = pytest.mark.slow  # many processes each (make test-fast skips them)
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("arith_ddp")

@@ -69,6 +69,7 @@ ddp_utils.save_checkpoint(path, {"iter": 2, "x": torch.full((1000,), 2.0)})
 """
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path):
     script = tmp_path / "saver.py"
     script.write_text(SLOW_SAVER)
@@ -101,6 +102,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_random_sigkill_during_save_loop(tmp_path):
     """No mocks: kill -9 a loop of real 8 MB saves at random moments; the file always loads whole."""
     script = tmp_path / "loop.py"
@@ -285,6 +287,7 @@ log.finish()
 """
 
 
+@pytest.mark.slow
 def test_metrics_logger_wandb_offline(tmp_path):
     out, wdir = tmp_path / "out", tmp_path / "wandb"
     wdir.mkdir()
@@ -381,6 +384,7 @@ ddp_utils.cleanup()
 """
 
 
+@pytest.mark.slow
 def test_collectives_two_processes_gloo(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(DDP_CHILD)

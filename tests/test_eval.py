@@ -231,6 +231,7 @@ def test_eval_script_writes_eval_json(arith_dir, tmp_path):
     assert not [p for p in os.listdir(run_dir) if ".tmp" in p]  # the temp file was renamed
 
 
+@pytest.mark.slow
 def test_eval_script_errors(arith_dir, tmp_path):
     tok = Tokenizer(os.path.join(arith_dir, "tokenizer.model"))
     small = Transformer(micro_args(tok.n_words - 8))  # a model that cannot hold the data's ids

@@ -27,6 +27,8 @@ COMMON = [*FAST, "--batch_size=8", "--gradient_accumulation_steps=2", "--eval_in
           "--warmup_iters=0", "--lr_decay_iters=4", "--grad_clip=0.5"]
 
 
+pytestmark = pytest.mark.slow  # many processes each (make test-fast skips them)
+
 def weights(out_dir, name="final.pt"):
     return torch.load(os.path.join(out_dir, name), weights_only=False)["model"]
 

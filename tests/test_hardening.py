@@ -227,6 +227,7 @@ def test_empty_out_dir_refused_up_front(script, good_ckpt, tmp_path, run_main):
 # 5. eval.py, sample.py, export.py (and bench.py) started from another directory
 
 
+@pytest.mark.slow
 def test_scripts_run_from_another_directory(arith_dir, tmp_path):
     """configurator.py is found next to each script, and a checkpoint's data paths relative to the
     repo root (where runs start: data_dir='data/arith') still resolve. Four processes side by side."""
@@ -274,6 +275,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
 def test_ddp_eval_only_leaves_no_thread_at_exit(arith_dir, good_ckpt, tmp_path):
     """The issue's command (torchrun, 2 ranks, gloo, eval_only=True) aborted at exit with "terminate

@@ -120,7 +120,8 @@ def test_hf_weights_are_memory_mapped(tmp_path):
     grown_converted = rss_bytes() - before
     assert model.output.weight.dtype == torch.bfloat16 and converted.output.weight.dtype == torch.float32
     assert grown < 0.1 * size, (grown, size)
-    assert grown_converted > 1.5 * size, (grown_converted, size)  # the measurement sees copies
+    # float32 copies are 2x the bf16 weights; the allocator may reuse up to 1x of memory freed before
+    assert grown_converted > 0.9 * size, (grown_converted, size)  # the measurement sees copies
 
 
 def write_config(path, **changes):
@@ -275,6 +276,7 @@ def hf_run(tmp_path_factory):
     return hf_dir, data_dir, out
 
 
+@pytest.mark.slow
 def test_stage0_starts_from_the_hf_model(hf_run, tmp_path):
     """eval_only from the HF directory reproduces head 0's validation loss computed with transformers
     on the same rows; the run trains 3 heads and its loss falls."""
@@ -302,6 +304,7 @@ def test_stage0_starts_from_the_hf_model(hf_run, tmp_path):
     assert model.args.rope_scaling == LLAMA3_ROPE
 
 
+@pytest.mark.slow
 def test_stage0_run_exports_back_to_transformers(hf_run, tmp_path):
     hf_dir, _, out = hf_run
     exported = export_checkpoint(out, str(tmp_path / "export"), dtype="float32", format="hf")
@@ -315,6 +318,7 @@ def test_stage0_run_exports_back_to_transformers(hf_run, tmp_path):
     assert Tokenizer(exported).encode("1 + 2") == Tokenizer(hf_dir).encode("1 + 2")
 
 
+@pytest.mark.slow
 def test_sample_and_unsupported_dir_from_the_command_line(hf_run, tmp_path):
     hf_dir, data_dir, _ = hf_run
     p = run(["sample.py", f"--init_from={hf_dir}", "--start=Compute: 1 + 2", "--temperature=0", "--num_samples=1",

@@ -247,6 +247,7 @@ def test_frozen_trunk_gets_no_grad():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager():
     """train_common.maybe_compile (torch.compile of every block, inductor on the CPU here) under the
     sequential head backward: same losses and gradients as eager, at two sequence lengths."""

@@ -38,6 +38,8 @@ PY = sys.executable
 BUCKET = "wmtp-rel"
 
 
+pytestmark = pytest.mark.slow  # many processes each (make test-fast skips them)
+
 def run(args, expect=0, env=None, timeout=180):
     """python args... in the repo root, one thread, bounded; asserts the exit code."""
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))

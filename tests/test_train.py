@@ -59,6 +59,7 @@ def test_critic_learns_value(base_dir, data_dir, tmp_path):
     assert any(k.startswith("value_head.") for k in ckpt["model"])
 
 
+@pytest.mark.slow
 def test_critic_learns_to_tell_correct_from_incorrect(base_dir, data_dir, tmp_path):
     """Rows whose label shows in every completion token (correct: '= 7 + 7 ...', incorrect: '= 3 + 3
     ...'), tokenized with the base's tokenizer: the critic on the frozen base trunk separates the
@@ -91,6 +92,7 @@ def critic_dir(base_dir, data_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight_mode", ["td", "shuffled"])
 def test_verifiable_learns_and_logs_weight_stats(critic_dir, data_dir, tmp_path, weight_mode):
     out = str(tmp_path / "verifiable")
@@ -105,6 +107,7 @@ def test_verifiable_learns_and_logs_weight_stats(critic_dir, data_dir, tmp_path,
     assert Transformer.load(out).value_head is not None
 
 
+@pytest.mark.slow
 def test_rho1_cache_on_and_off_give_the_same_losses(base_dir, data_dir, tmp_path):
     common = ["train_rho1.py", f"--data_dir={data_dir}", f"--init_from={base_dir}", f"--ref_init_from={base_dir}",
               "--n_samples=64", "--n_epochs=3", "--eval_interval=100", *FAST]
@@ -119,6 +122,7 @@ def test_rho1_cache_on_and_off_give_the_same_losses(base_dir, data_dir, tmp_path
     assert all(s[0] == 1.0 and 0.6 <= s[1] <= 0.7 for s in sel)  # head 0 all, heads >= 1 ceil(60%)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["baseline", "critic", "verifiable", "rho1"])
 def test_resume_is_bit_identical(stage, base_dir, critic_dir, data_dir, tmp_path):
     """7 iterations in one run == 3 iterations, then init_from='resume' for 4 more: same losses,
@@ -142,6 +146,7 @@ def test_resume_is_bit_identical(stage, base_dir, critic_dir, data_dir, tmp_path
     assert a["output.weight"].shape[0] == 128 and a["output.weight"][68:].abs().max().item() == 0.0
 
 
+@pytest.mark.slow
 def test_padded_vocab_trains_like_unpadded(base_dir, data_dir, tmp_path):
     """The same run with embedding/output rows padded 68 -> 128: the same losses (the padded ids are
     masked); the padded rows keep exactly zero (no gradient, so AdamW never moves them)."""
@@ -159,6 +164,7 @@ def test_padded_vocab_trains_like_unpadded(base_dir, data_dir, tmp_path):
         assert ckpt["model"][key].shape[0] == 128 and ckpt["model"][key][68:].abs().max().item() == 0.0
 
 
+@pytest.mark.slow
 def test_config_files_load_and_validate():
     """Every config/*.py only sets keys its script knows, with the right types (--help exits 0).
     The processes run side by side (each is mostly torch's import time)."""
@@ -176,6 +182,7 @@ def test_config_files_load_and_validate():
         assert p.returncode == 0 and "settings" in out, f"config/{name}: exit {p.returncode}\n{err[-2000:]}"
 
 
+@pytest.mark.slow
 def test_a_copied_script_with_its_own_head_loss(base_dir, data_dir, tmp_path):
     """A fork changes the loss form in its copy of train_baseline.py and nowhere else: here heads
     k >= 1 count half. The copy runs as is; its first step's head losses are exactly the original
