@@ -26,10 +26,10 @@ a Hugging Face directory (e.g. to convert it to Meta's format).
 
 Usage (from any directory):
 
-    python export.py --ckpt=out-verifiable --out_dir=export/verifiable   # a run dir: best.pt > final.pt > ckpt.pt
-    python export.py --ckpt=out-critic/final.pt --out_dir=export/critic --dtype=float32
-    python export.py --ckpt=export/verifiable --out_dir=export/verifiable-fp16 --dtype=float16   # re-export a Meta dir
-    python export.py --ckpt=out/hf_1b_baseline --out_dir=export/hf_1b --format=hf       # for transformers, vLLM, ...
+    python export.py --init_from=out/arith/seed1337/verifiable_td --out_dir=out/export/verifiable_td  # a run dir
+    python export.py --init_from=out/arith/seed1337/critic/final.pt --out_dir=out/export/critic --dtype=float32
+    python export.py --init_from=out/export/verifiable_td --out_dir=out/export/td-fp16 --dtype=float16  # a Meta dir
+    python export.py --init_from=out/arith/seed1337/baseline --out_dir=out/export/baseline-hf --format=hf  # transformers
 
 Loading an export again, value head included:
 
@@ -59,8 +59,8 @@ from tokenizer import Tokenizer, tokenizer_file_in
 
 # -----------------------------------------------------------------------------
 # settings: python export.py [config.py] [--key=value ...]
-ckpt = "out"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt, as Transformer.load), or Meta dir
-out_dir = "out-meta"  # the directory to write
+init_from = "out/arith/seed1337/baseline"  # checkpoint file, run dir (best.pt > final.pt > ckpt.pt), Meta or HF dir
+out_dir = "out/export"  # the directory to write
 format = "meta"  # 'meta': params.json + consolidated.pth (Meta's MTP loader) | 'hf': LlamaForCausalLM directory
 dtype = "bfloat16"  # 'bfloat16' (Meta's release dtype) | 'float32' | 'float16'; the value head stays float32
 tokenizer: str | None = None  # file to copy; None: the checkpoint's data.tokenizer (a Meta dir: its own); '': none
@@ -276,6 +276,6 @@ if __name__ == "__main__":
     from data.format import fail
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     try:
-        export_checkpoint(ckpt, out_dir, dtype, tokenizer, overwrite, format)
+        export_checkpoint(init_from, out_dir, dtype, tokenizer, overwrite, format)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         fail(e)

@@ -279,7 +279,7 @@ def test_refuses_existing_dir_and_bad_inputs(run, tmp_path):
 def test_cli(run, tmp_path, monkeypatch, capsys):
     _, run_dir, _ = run
     out = str(tmp_path / "export")
-    argv = ["export.py", f"--ckpt={run_dir}", f"--out_dir={out}", "--dtype=float32"]
+    argv = ["export.py", f"--init_from={run_dir}", f"--out_dir={out}", "--dtype=float32"]
     assert run_script(argv, monkeypatch) == 0
     stdout = capsys.readouterr().out
     assert "consolidated.pth" in stdout and "48 tensors, float32" in stdout and "value_head.pth" in stdout
@@ -306,4 +306,4 @@ def test_interrupted_export_leaves_nothing(run, tmp_path, monkeypatch):
 def test_cli_settings(monkeypatch, capsys):
     assert run_script(["export.py", "--help"], monkeypatch) == 0
     listed = [line.split("=")[0].strip() for line in capsys.readouterr().out.splitlines()[1:]]
-    assert listed == ["--ckpt", "--dtype", "--format", "--out_dir", "--overwrite", "--tokenizer"]
+    assert listed == ["--dtype", "--format", "--init_from", "--out_dir", "--overwrite", "--tokenizer"]

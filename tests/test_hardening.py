@@ -108,7 +108,7 @@ ENTRY_POINTS = [  # (id, script, args); {ckpt} {run_dir} {meta_dir} {good} {data
     ("meta_dir", "train_baseline.py", ["--init_from={meta_dir}"]),
     ("eval", "eval.py", ["--init_from={ckpt}", "--data_dir={data}", "--device=cpu"]),
     ("sample", "sample.py", ["--init_from={ckpt}", "--device=cpu"]),
-    ("export", "export.py", ["--ckpt={ckpt}", "--out_dir={tmp}/export"]),
+    ("export", "export.py", ["--init_from={ckpt}", "--out_dir={tmp}/export"]),
 ]
 
 
@@ -216,7 +216,7 @@ def test_none_default_settings_refuse_a_wrong_type(script, key, types, tmp_path,
 @pytest.mark.parametrize("script", [*TRAIN, "export.py"])
 def test_empty_out_dir_refused_up_front(script, good_ckpt, tmp_path, run_main):
     """Before the data is read (the data_dir below does not exist) and before any model."""
-    extra = [f"--ckpt={good_ckpt}"] if script == "export.py" else [f"--data_dir={tmp_path}/nowhere", "--device=cpu"]
+    extra = [f"--init_from={good_ckpt}"] if script == "export.py" else [f"--data_dir={tmp_path}/nowhere", "--device=cpu"]
     code, out, err = run_main(script, "--out_dir=", *extra, cwd=tmp_path)
     assert (code, err.count("\n")) == (2, 1), err
     assert err.startswith(f"{script}: error: out_dir is empty: ")
@@ -240,7 +240,7 @@ def test_scripts_run_from_another_directory(arith_dir, tmp_path):
         "eval": [f"--init_from={ckpt}", f"--data_dir={arith_dir}", "--device=cpu", "--n_problems=2",
                  "--num_samples=0", "--max_new_tokens=6", f"--out={tmp_path / 'eval.json'}"],
         "sample": [f"--init_from={ckpt}", "--device=cpu", "--num_samples=1", "--max_new_tokens=4"],
-        "export": [f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'export'}", "--dtype=float32"],
+        "export": [f"--init_from={ckpt}", f"--out_dir={tmp_path / 'export'}", "--dtype=float32"],
         "bench": ["--device=cpu", "--variants=['base']", "--warmup=1", "--iters=1", "--dim=32", "--n_layers=3",
                   "--n_heads=2", "--n_future_tokens=2", "--vocab_size=64", "--seq_len=16"],
     }

@@ -232,7 +232,7 @@ def test_export_hf_loads_in_transformers_and_back_with_every_head(tmp_path, monk
                           format="hf")
 
     out = str(tmp_path / "export")
-    assert run_script(["export.py", f"--ckpt={tmp_path / 'run'}", f"--out_dir={out}", "--format=hf", "--dtype=float32"],
+    assert run_script(["export.py", f"--init_from={tmp_path / 'run'}", f"--out_dir={out}", "--format=hf", "--dtype=float32"],
                       monkeypatch) == 0
     assert "wmtp_heads.safetensors" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "wmtp_heads.safetensors"]
