@@ -29,8 +29,7 @@ import ddp_utils
 import train_common as tc
 from data.format import fail
 from evaluation import evaluate_all_ranks
-from weighting import (build_weights, compute_td_errors, normalize_weights, on_track, oracle_prefix_weights,
-                       random_like_weights, shift_to_heads, shuffle_within_rows, value_loss, value_mask, weight_stats)
+from weighting import WEIGHT_MODES, on_track, shift_to_heads, stage2_weights, value_loss, value_mask, weight_stats
 
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value)
@@ -100,7 +99,6 @@ try:
 except ValueError as e:
     fail(e)
 tc.check_config(config, ctx)
-WEIGHT_MODES = ("td", "uniform", "random", "shuffled", "oracle_prefix", "oracle_td", "reward")
 if weight_mode not in WEIGHT_MODES or value_target not in ("reward", "prefix"):
     fail(f"weight_mode {weight_mode!r} / value_target {value_target!r}: use one of {', '.join(WEIGHT_MODES)} / "
          "'reward' or 'prefix'")
@@ -144,24 +142,9 @@ def save_all_ranks(names, optimizer=optimizer):
 
 
 def token_weights(values, reward, loss_mask, first_error, reduce=None):
-    """Per-token weights (B, L) of the weight_mode, from the detached values or the step labels,
-    and the TD errors behind them (for the clip statistics; None without TD).
-    reduce=ddp_utils.all_reduce_sum whitens/normalises over every rank."""
-    if weight_mode == "uniform":
-        return loss_mask.float(), None
-    if weight_mode in ("oracle_prefix", "reward"):  # 0/1 weights from the verifier
-        w = (oracle_prefix_weights(loss_mask, first_error, reward) if weight_mode == "oracle_prefix"
-             else loss_mask.float() * reward[:, None])
-        return (normalize_weights(w, loss_mask, reduce) if normalize else w), None
-    v = on_track(first_error, loss_mask.shape[1]) if weight_mode == "oracle_td" else values.detach()
-    td = compute_td_errors(v, reward, loss_mask, gamma)  # (B, L)
-    w = build_weights(td, loss_mask, beta, clip_min, clip_max, whiten, normalize, reduce)  # (B, L)
-    # the controls draw from the global RNG of the device, which checkpoints save and restore
-    if weight_mode == "random":
-        w = random_like_weights(w, loss_mask, None)
-    elif weight_mode == "shuffled":
-        w = shuffle_within_rows(w, loss_mask, None)
-    return w, td
+    """weighting.stage2_weights of this run's settings: (weights (B, L), TD errors or None)."""
+    return stage2_weights(weight_mode, values, reward, loss_mask, first_error, gamma, beta, clip_min, clip_max, whiten,
+                          normalize, reduce)
 
 
 @torch.no_grad()

@@ -191,6 +191,46 @@ def oracle_prefix_weights(loss_mask, first_error, rewards):
 
 
 # -----------------------------------------------------------------------------
+# Stage 2's weight_mode: TD weights, their controls, and the positive controls
+
+WEIGHT_MODES = ("td", "uniform", "random", "shuffled", "oracle_prefix", "oracle_td", "reward")
+
+
+def stage2_weights(weight_mode, values, rewards, loss_mask, first_error, gamma=1.0, beta=0.9, clip_min=0.1,
+                   clip_max=5.0, whiten=False, normalize=True, reduce=None):
+    """
+    Per-token weights (B, L) of train_verifiable.py's weight_mode, and the TD errors behind them
+    (for the clip statistics; None for the modes without TD):
+      'td'            build_weights of the value head's TD errors
+      'uniform'       the loss mask (the baseline plus a value loss)
+      'random'        the population's TD weights at random positions (random_like_weights)
+      'shuffled'      each row's TD weights permuted within it (shuffle_within_rows)
+      'oracle_prefix' 1 before the row's first wrong step, 0 from it on; correct rows all 1
+      'oracle_td'     build_weights of a perfect prefix critic's TD errors (V = on_track)
+      'reward'        w = R: correct rows only
+    values are detached here; the 0/1 modes are normalised like TD weights (normalize); `reduce`
+    as in build_weights. The controls draw from the device's global RNG (checkpoints restore it).
+
+    values (B, L), rewards (B,), loss_mask (B, L), first_error (B,) -> ((B, L), (B, L) or None)
+    """
+    if weight_mode == "uniform":
+        return loss_mask.float(), None
+    if weight_mode in ("oracle_prefix", "reward"):
+        w = (oracle_prefix_weights(loss_mask, first_error, rewards) if weight_mode == "oracle_prefix"
+             else loss_mask.float() * rewards[:, None].float())
+        return (normalize_weights(w, loss_mask, reduce) if normalize else w), None
+    if weight_mode not in ("td", "random", "shuffled", "oracle_td"):
+        raise ValueError(f"weight_mode {weight_mode!r}: use one of {', '.join(WEIGHT_MODES)}")
+    v = on_track(first_error, loss_mask.shape[1]) if weight_mode == "oracle_td" else values.detach()
+    td = compute_td_errors(v, rewards, loss_mask, gamma)  # (B, L)
+    w = build_weights(td, loss_mask, beta, clip_min, clip_max, whiten, normalize, reduce)  # (B, L)
+    if weight_mode == "random":
+        w = random_like_weights(w, loss_mask, None)
+    elif weight_mode == "shuffled":
+        w = shuffle_within_rows(w, loss_mask, None)
+    return w, td
+
+
 # Controls for Stage 2's weight_mode: same weights, meaningless positions
 
 def random_like_weights(weights, mask, generator):

@@ -93,7 +93,7 @@ def critic_dir(base_dir, data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weight_mode", ["td", "shuffled"])
+@pytest.mark.parametrize("weight_mode", ["td", "shuffled", "oracle_prefix"])
 def test_verifiable_learns_and_logs_weight_stats(critic_dir, data_dir, tmp_path, weight_mode):
     out = str(tmp_path / "verifiable")
     run(["train_verifiable.py", f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={critic_dir}",
@@ -104,6 +104,12 @@ def test_verifiable_learns_and_logs_weight_stats(critic_dir, data_dir, tmp_path,
     assert logged and all(abs(m["weights/mean"] - 1.0) < 1e-4 for m in logged)  # normalized
     if weight_mode == "td":
         assert all(0.0 <= m["weights/frac_clipped"] <= 1.0 for m in logged)
+    # the diagnostics: mean weight before and from each row's first wrong step (the oracle: 0 after it,
+    # but for the rare correct rows whose slip still reached the right answer, which keep weight 1)
+    assert all(m["weights/mean_on_track"] > 0 and m["weights/mean_off_track"] >= 0 for m in logged)
+    if weight_mode == "oracle_prefix":
+        assert all(m["weights/mean_off_track"] < 0.25 * m["weights/mean_on_track"] for m in logged)
+    assert 0.0 <= [m for m in metrics(out) if "val/value_token_auc" in m][-1]["val/value_token_auc"] <= 1.0
     assert Transformer.load(out).value_head is not None
 
 

@@ -415,3 +415,31 @@ def test_oracle_td_weights_hand_example():
     e = math.exp(-1 / 0.9)
     close(w, [[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, e, 1, 1], [0, 0, 0, 1, e, 1 / e, 0, 0]], atol=1e-6)
 
+
+
+def test_stage2_weights_every_mode():
+    """train_verifiable's weight modes on the hand-made batch: the controls keep the TD weights'
+    multiset (random over the batch, shuffled within each row), the positive controls are the
+    hand examples above, uniform is the mask; an unknown mode is a ValueError."""
+    from weighting import WEIGHT_MODES, stage2_weights
+    torch.manual_seed(0)
+    values = torch.rand(3, 8)
+    td_w, td = stage2_weights("td", values, REWARD, STEP_MASK, FIRST_ERROR)
+    close(td_w, build_weights(compute_td_errors(values, REWARD, STEP_MASK), STEP_MASK))
+    for mode in WEIGHT_MODES:
+        w, errors = stage2_weights(mode, values, REWARD, STEP_MASK, FIRST_ERROR)
+        assert w.shape == (3, 8) and (w[STEP_MASK == 0] == 0).all(), mode
+        assert (errors is None) == (mode in ("uniform", "oracle_prefix", "reward")), mode
+        if mode in ("random", "shuffled"):
+            assert sorted(w[STEP_MASK > 0].tolist()) == pytest.approx(sorted(td_w[STEP_MASK > 0].tolist()))
+        if mode == "shuffled":
+            close((w * STEP_MASK).sum(1), (td_w * STEP_MASK).sum(1), atol=1e-5)  # each row keeps its own total
+    close(stage2_weights("uniform", values, REWARD, STEP_MASK, FIRST_ERROR)[0], STEP_MASK)
+    expected = oracle_prefix_weights(STEP_MASK, FIRST_ERROR, REWARD) * 13 / 10
+    close(stage2_weights("oracle_prefix", values, REWARD, STEP_MASK, FIRST_ERROR)[0], expected)
+    close(stage2_weights("reward", values, REWARD, STEP_MASK, FIRST_ERROR, normalize=False)[0], STEP_MASK * REWARD[:, None])
+    oracle_td = stage2_weights("oracle_td", values, REWARD, STEP_MASK, FIRST_ERROR, normalize=False)[0]
+    e = math.exp(-1 / 0.9)
+    close(oracle_td, [[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, e, 1, 1], [0, 0, 0, 1, e, 1 / e, 0, 0]], atol=1e-6)
+    with pytest.raises(ValueError, match="weight_mode 'bogus'"):
+        stage2_weights("bogus", values, REWARD, STEP_MASK, FIRST_ERROR)
