@@ -3,9 +3,9 @@ Stage 3 (Rho-1): selective multi-token prediction against a frozen reference mod
 
 excess[b,t,k] = ce_policy[b,t,k] - ce_reference[b,t,k]: targets the reference already predicts
 well but the policy does not are the ones worth learning. Head 0 trains on every target; each
-head k >= 1 trains only on the top k_percent of its valid targets by excess loss, selected in
-each micro-batch (selection_scope='micro_batch') or over the whole optimizer step on every rank
-('step'). Loss per head = sum(w * ce) / sum(w) over the step, averaged over heads.
+head k >= 1 trains only on the top k_percent of its valid targets by excess loss, selected over
+the whole optimizer step on every rank (selection_scope='step') or in each micro-batch
+('micro_batch'). Loss per head = sum(w * ce) / sum(w) over the step, averaged over heads.
 
 The reference (a checkpoint of any stage, or a Meta directory) is frozen: eval(), no gradients,
 never wrapped or synced. It never changes, so its per-token losses are computed once per sample
@@ -49,9 +49,9 @@ overflow = "truncate"
 # selection
 k_percent = 0.6  # fraction of each head k >= 1's valid targets trained on, by largest excess loss
 ref_cache = True  # cache the reference's per-token losses per sample (CPU, float32: 4*n bytes per token)
-selection_scope = "micro_batch"  # where the top k_percent is taken: 'micro_batch' | 'step' (all micro-batches
-#   of the step on every rank: one extra no-grad policy forward per micro-batch; then any split of the rows
-#   gives the same gradient)
+selection_scope = "step"  # where the top k_percent is taken: 'step' (all micro-batches of the step on every
+#   rank: any split of the rows gives the same gradient; one extra no-grad policy forward per micro-batch when
+#   the step has more than one) | 'micro_batch' (each on its own: cheaper, split-dependent)
 # training
 trainable = "all"  # 'all' | 'heads'
 batch_size = 32
@@ -212,7 +212,8 @@ while state["iter"] < max_iters:
     n_keep[0] = counts[0]  # head 0 keeps every target
     n_norm = n_keep.clamp(min=1) / ctx.world_size  # (n,)
     ref_ces = [reference_ce(b) for b in micro_batches]  # (B, L, n) each
-    selected = step_selection(micro_batches, ref_ces) if selection_scope == "step" else None
+    one_batch = len(micro_batches) == 1 and ctx.world_size == 1  # then the step is the micro-batch
+    selected = step_selection(micro_batches, ref_ces) if selection_scope == "step" and not one_batch else None
 
     for i, batch in enumerate(micro_batches):
         tokens = batch["input_ids"].to(ctx.device, non_blocking=True)  # (B, L)

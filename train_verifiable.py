@@ -56,9 +56,9 @@ clip_min = 0.1
 clip_max = 5.0
 whiten = False  # whiten the TD errors over the population's completion tokens first
 normalize = True  # mean weight 1 over the population's completion tokens
-weight_scope = "micro_batch"  # the population of whiten/normalize (and of 'random'): 'micro_batch' (each
-#   micro-batch on its own) | 'step' (all micro-batches of the step on every rank: one extra no-grad trunk
-#   forward per micro-batch; then any split of the rows gives the same gradient)
+weight_scope = "step"  # the population of whiten/normalize (and of 'random'): 'step' (all micro-batches of
+#   the step on every rank: any split of the rows gives the same gradient; one extra no-grad trunk forward per
+#   micro-batch when the step has more than one) | 'micro_batch' (each on its own: cheaper, split-dependent)
 value_coef = 0.5  # weight of the value MSE in the total loss
 # training
 trainable = "all"  # 'all' | 'heads+value_head' (trunk frozen, the 7B setting)
@@ -196,7 +196,8 @@ while state["iter"] < max_iters:
                         sum(value_mask(b["loss_mask"]).sum() for b in micro_batches)[None]]).to(ctx.device)
     counts = ddp_utils.all_reduce_sum(counts).clamp(min=1) / ctx.world_size
     n_targets, n_value = counts[:n], counts[n]  # (n,), ()
-    step_weights = step_token_weights(micro_batches) if weight_scope == "step" else None
+    one_batch = len(micro_batches) == 1 and ctx.world_size == 1  # then the step is the micro-batch
+    step_weights = step_token_weights(micro_batches) if weight_scope == "step" and not one_batch else None
 
     for i, batch in enumerate(micro_batches):
         tokens = batch["input_ids"].to(ctx.device, non_blocking=True)  # (B, L)

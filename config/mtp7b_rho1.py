@@ -13,6 +13,8 @@ trainable = "heads"
 dtype = "bfloat16"
 compile = True
 k_percent = 0.6
+selection_scope = "micro_batch"  # top-k per micro-batch: the step-wide selection would cost a second
+#   no-grad forward of the 7B policy per micro-batch
 max_length = 2048
 batch_size = 4
 gradient_accumulation_steps = 8

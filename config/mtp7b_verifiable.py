@@ -10,6 +10,8 @@ trainable = "heads+value_head"
 dtype = "bfloat16"
 compile = True
 weight_mode = "td"
+weight_scope = "micro_batch"  # TD weights normalised per micro-batch: the step-wide population would cost a
+#   second forward of the frozen 7B trunk per micro-batch (most of a heads-only step)
 beta = 0.9
 clip_min = 0.1
 clip_max = 5.0

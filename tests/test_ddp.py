@@ -116,8 +116,8 @@ def stage_inits(ddp_run, data_dir, tmp_path_factory):
     run(["train_baseline.py", f"--data_dir={data_dir}", f"--out_dir={ref}", f"--init_from={ddp_run}",
          "--max_iters=2", "--eval_interval=2", "--learning_rate=1e-2", *FAST])
     return {"baseline": [f"--init_from={ddp_run}"], "critic": [f"--init_from={ddp_run}"],
-            "verifiable": [f"--init_from={critic}", "--weight_scope=step", "--beta=0.3", "--whiten=True"],
-            "rho1": [f"--init_from={ddp_run}", f"--ref_init_from={ref}", "--selection_scope=step"]}
+            "verifiable": [f"--init_from={critic}", "--beta=0.3", "--whiten=True"],
+            "rho1": [f"--init_from={ddp_run}", f"--ref_init_from={ref}"]}
 
 
 @pytest.mark.slow
@@ -126,7 +126,7 @@ def test_one_gradient_for_every_split_of_the_rows(stage, stage_inits, data_dir, 
     """The same 16 rows per step as 16 x 1, 4 micro-steps x 4, and 2 ranks x 8 (torchrun): the same
     losses and the same gradient (its norm, unclipped), step after step. Each head is normalised by
     its targets over the whole step and all ranks; stage 2's weights (whitened and normalised) and
-    Rho-1's top-k are taken over the whole step (weight_scope / selection_scope = 'step')."""
+    Rho-1's top-k are taken over the whole step (the defaults weight_scope / selection_scope = 'step')."""
     common = [f"train_{stage}.py", f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=3", "--n_samples=48",
               "--grad_clip=0", "--warmup_iters=0", *stage_inits[stage], *FAST]
     splits = {"16x1": (["--batch_size=16"], False), "4x4": (["--batch_size=4", "--gradient_accumulation_steps=4"], False),
@@ -145,11 +145,12 @@ def test_one_gradient_for_every_split_of_the_rows(stage, stage_inits, data_dir, 
 
 @pytest.mark.slow
 def test_per_micro_batch_scope_depends_on_the_split(stage_inits, data_dir, tmp_path):
-    """The default weight_scope='micro_batch' whitens/normalises each micro-batch on its own, so
-    16 x 1 and 4 x 4 differ (the README says which population each setting uses); the loss
-    normaliser itself is still the step's."""
+    """weight_scope='micro_batch' whitens/normalises each micro-batch on its own, so 16 x 1 and
+    4 x 4 differ (the README says which population each setting uses); the loss normaliser itself
+    is still the step's."""
     common = ["train_verifiable.py", f"--data_dir={data_dir}", "--max_iters=1", "--eval_interval=1", "--n_samples=16",
-              "--grad_clip=0", *stage_inits["verifiable"][:1], "--beta=0.3", "--whiten=True", *FAST]
+              "--grad_clip=0", *stage_inits["verifiable"][:1], "--beta=0.3", "--whiten=True",
+              "--weight_scope=micro_batch", *FAST]
     run(common + ["--batch_size=16", f"--out_dir={tmp_path / 'a'}"])
     run(common + ["--batch_size=4", "--gradient_accumulation_steps=4", f"--out_dir={tmp_path / 'b'}"])
     a, b = (metrics(str(tmp_path / d))[0]["grad_norm"] for d in ("a", "b"))
