@@ -222,9 +222,10 @@ while state["iter"] < max_iters:
         def head_loss(k, ce_k):  # head 0: every target; head k >= 1: the top k_percent by excess loss
             if k == 0:
                 w_k = targets[..., 0]
-            else:
-                w_k = selected[i][..., k] if selected is not None else select_top_k(ce_k.detach() - ref_ces[i][..., k],
-                                                                        targets[..., k], k_percent)
+            elif selected is not None:  # chosen over the whole step (step_selection)
+                w_k = selected[i][..., k]
+            else:  # chosen in this micro-batch, from this head's own CE
+                w_k = select_top_k(ce_k.detach() - ref_ces[i][..., k], targets[..., k], k_percent)
             return (w_k * ce_k).sum() / n_norm[k]
 
         with autocast:
