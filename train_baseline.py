@@ -95,6 +95,7 @@ try:
 except ValueError as e:
     fail(e)
 tc.check_config(config, ctx)
+tc.check_storage_all_ranks(out_dir, init_from, fsdp, ctx)  # several machines: out_dir where each needs it?
 torch.manual_seed(seed + ctx.rank)
 autocast = ddp_utils.autocast_context(ctx, dtype)
 
@@ -109,7 +110,7 @@ model_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n
                        multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier, norm_eps=norm_eps,
                        rope_theta=rope_theta, n_future_tokens=n_future_tokens, max_seq_len=max_seq_len)
 model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=False, pad_vocab_multiple=pad_vocab_multiple,
-                              model_args=model_args, seed=seed, n_future_tokens=n_future_tokens)
+                              model_args=model_args, seed=seed, n_future_tokens=n_future_tokens, stage="baseline")
 n = model.n_future_tokens
 tc.set_trainable(model, trainable)
 ddp_utils.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated

@@ -226,7 +226,7 @@ def test_s3_manifest_and_resume_in_a_fresh_out_dir(s3_store, data_dir, tmp_path)
     assert s3.get_object(Bucket=BUCKET, Key="run1/ckpt_0000004.pt")["Body"].read() == local
 
     run(["train_baseline.py", f"--out_dir={out2}", f"--init_from={uri}", "--max_iters=6", *common])
-    assert open(os.path.join(out2, "s3_resume.pt"), "rb").read() == local
+    assert open(os.path.join(out2, "s3_init.pt"), "rb").read() == local
     assert [r["iter"] for r in train_records(out2)] == [5, 6]
     assert torch.load(os.path.join(out2, "final.pt"), weights_only=False)["iter"] == 6
     m = manifest(s3, "run1")
