@@ -58,7 +58,7 @@ def check_storage_all_ranks(out_dir, init_from, fsdp: bool, ctx):
     machine looks for it in its own. A collective; nothing to check on one machine."""
     if ctx.nodes == 1 or not (fsdp or init_from == "resume"):
         return
-    probe, created = [None], False
+    probe, created = [None, out_dir], False  # (a file name, rank 0's out_dir)
     if ctx.master:
         created = not os.path.isdir(out_dir)
         os.makedirs(out_dir, exist_ok=True)
@@ -77,17 +77,17 @@ def check_storage_all_ranks(out_dir, init_from, fsdp: bool, ctx):
         os.remove(os.path.join(out_dir, probe[0]))
         if created and (not_shared or no_ckpt):
             os.rmdir(out_dir)  # refused: leave nothing behind
-    error = None
+    problems = []
     if fsdp and not_shared:
-        error = (f"fsdp=True on {ctx.nodes} machines: every rank writes its shards of the optimizer state to "
-                 f"out_dir/ckpt_dcp/, but {not_shared} machine(s) do not see rank 0's out_dir {out_dir}: give as "
-                 f"out_dir a folder on storage that every machine mounts at the same path (NFS, Lustre, ...)")
-    elif init_from == "resume" and no_ckpt:
-        error = (f"init_from='resume' on {ctx.nodes} machines: {no_ckpt} machine(s) have no {out_dir}/ckpt.pt: "
-                 f"put out_dir on storage that every machine mounts, or resume from the run's s3_uri "
-                 f"(init_from=s3://...)")
-    if error:
-        exit_all_ranks(error, ctx)
+        problems.append(f"fsdp=True writes every rank's shards of the optimizer state to out_dir/ckpt_dcp/, but "
+                        f"{not_shared} machine(s) do not see rank 0's out_dir {probe[1]}")
+    if init_from == "resume" and no_ckpt:
+        problems.append(f"init_from='resume' reads out_dir/ckpt.pt on every machine, but {no_ckpt} machine(s) have none")
+    if problems:
+        remedy = "give as out_dir a folder on storage that every machine mounts at the same path (NFS, Lustre, ...)"
+        if not (fsdp and not_shared):
+            remedy += ", or resume from the run's s3_uri with init_from=s3://..."
+        exit_all_ranks(f"on {ctx.nodes} machines: {'; '.join(problems)}: {remedy}", ctx)
 
 
 def exit_all_ranks(error, ctx):
