@@ -9,10 +9,10 @@ Single device (CPU, MPS, one GPU):
     python train_baseline.py config/arith_baseline.py
 DDP on one machine:
     torchrun --standalone --nproc_per_node=4 train_baseline.py config/mtp7b_baseline.py
-Several machines (run on each, NODE_RANK = 0, 1):
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
-        --rdzv_endpoint=$MASTER_HOST:29500 train_baseline.py config/mtp7b_baseline.py
-FSDP2 (full fine-tuning beyond one GPU's memory; also with --nnodes):
+Several machines (the same line on each; README 'Several machines': data on each, out_dir or S3):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST0:29500 --rdzv_id=run1 \
+        train_baseline.py config/mtp7b_baseline.py --s3_uri=s3://bucket/run1
+FSDP2 (full fine-tuning beyond one GPU's memory; with --nnodes, out_dir on a shared mount):
     torchrun --standalone --nproc_per_node=8 train_baseline.py config/mtp7b_full_fsdp.py
 """
 
