@@ -382,19 +382,29 @@ def start_run(out_dir, ctx, config: dict, wandb_log=False, wandb_project="wmtp",
     return logger, uploader
 
 
-def finish_run(logger, uploader, ctx) -> int:
+def finish_run(logger, uploader, ctx, code=0) -> int:
     """Wait for pending S3 uploads, close the log, leave the process group. Returns the exit code:
-    0, or EXIT_S3_FAILED on rank 0 when checkpoints did not reach S3 (they are all in out_dir)."""
-    code = 0
+    `code` (the run's own: 1 after max_bad_steps), else EXIT_S3_FAILED on rank 0 when checkpoints
+    did not reach S3 (they are all in out_dir), else 0.
+    Under fsdp the process ends here, with that code, without the interpreter's shutdown: FSDP's
+    device mesh (and torch's DTensor caches) keep the process group, and with it gloo's threads,
+    alive past destroy_process_group, and a gloo thread that needs the GIL while the interpreter
+    shuts down (a peer machine closing its connections, a last work released) is killed inside
+    C++: "terminate called without an active exception", SIGABRT, a finished run reported as
+    failed (3 of 6 runs on two machines; issue 15 was the same under DDP). Nothing is left to do."""
     if uploader is not None:
         not_uploaded = uploader.close(timeout=600)  # waits for pending uploads; prints what did not reach S3
         if not_uploaded:
             print(error_line(f"{len(not_uploaded)} checkpoint(s) did not reach {uploader.uri}; they are in out_dir "
                              f"(exit code {EXIT_S3_FAILED})"), file=sys.stderr, flush=True)
-            code = EXIT_S3_FAILED
+            code = code or EXIT_S3_FAILED
     if logger is not None:
         logger.finish()
     ddp_utils.cleanup()
+    if ctx.fsdp:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 

@@ -171,8 +171,7 @@ while state["iter"] < max_iters:
     log_steps += 1
     if tc.too_many_bad_steps(stepped, state, max_bad_steps, out_dir, logger, ctx):
         save_all_ranks(("ckpt.pt",))
-        tc.finish_run(logger, uploader, ctx)
-        raise SystemExit(1)
+        raise SystemExit(tc.finish_run(logger, uploader, ctx, code=1))
 
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         ddp_utils.all_reduce_sum(log_loss)  # each rank holds its share of every step's loss
