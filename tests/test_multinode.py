@@ -116,6 +116,8 @@ def stage0(cluster):
 
 
 def test_stage0_only_rank0_writes_and_uploads(cluster, stage0):
+    """Stage 0 under DDP over the 4 ranks of two machines: RANK 0's machine writes out_dir and
+    uploads; the other one writes nothing and never talks to S3."""
     results, w = stage0
     other = 1 - w
     out = os.path.join(cluster.machines[w], "stage0")
@@ -154,9 +156,9 @@ def test_resume_from_s3_downloads_once_per_machine_and_continues_exactly(cluster
     (_, w0), (results, w) = stage0, stage0_resumed
     key = "stage0/ckpt_0000002.pt"
     assert [gets(r.requests, key) for r in results] == [1, 1]  # one download per machine, by its local rank 0
-    s3_copy = open(os.path.join(cluster.machines[w0], "stage0", "ckpt.pt"), "rb").read()
+    ckpt2 = open(os.path.join(cluster.machines[w0], "stage0", "ckpt.pt"), "rb").read()  # what RANK 0 uploaded
     for m in cluster.machines:  # each machine's copy on its own disk
-        assert open(os.path.join(m, "resumed", "s3_init.pt"), "rb").read() == s3_copy
+        assert open(os.path.join(m, "resumed", "s3_init.pt"), "rb").read() == ckpt2
     assert os.listdir(os.path.join(cluster.machines[1 - w], "resumed")) == ["s3_init.pt"]  # nothing else there
     # iterations 1-2 on two machines, 3-4 resumed on two machines == 1-4 in one go on one machine, bit for bit
     first = records(os.path.join(cluster.machines[w0], "stage0"))
@@ -204,8 +206,8 @@ def test_stage2_from_an_s3_critic_on_two_machines_equals_one_machine(cluster, st
 def test_fsdp_on_two_machines_without_a_shared_out_dir_is_refused_at_start(cluster):
     """fsdp=True: every rank writes its shards of the optimizer state (DCP) into out_dir, and
     init_from='resume' reads out_dir/ckpt.pt on every machine. Without a shared out_dir both are
-    refused before any work: one line on each machine saying what to mount, exit 2 on every rank,
-    nothing left in either out_dir."""
+    refused before any work: one line on each machine saying what to mount, exit 2, nothing left in
+    either out_dir."""
     results = launch(cluster, "train_baseline.py", "fsdp", "--fsdp=True", "--init_from=resume", "--max_iters=2",
                      *COMMON, expect=1)
     line = ("train_baseline.py: error: on 2 machines: fsdp=True writes every rank's shards of the optimizer state to "
@@ -217,10 +219,12 @@ def test_fsdp_on_two_machines_without_a_shared_out_dir_is_refused_at_start(clust
         errors = [x for x in r.err.splitlines() if x.startswith("train_baseline.py: error:")]
         assert len(errors) == 1, errors
         said.add(errors[0])
-        assert re.search(r"exitcode\s+: 2 ", r.err)  # torchrun's report: the ranks' exit code, 2 (bad input)
         assert f'File "{ROOT}' not in r.err  # no traceback from the repo's code
         assert not re.search(r"^iter \d", r.out, re.M)  # no step taken
     assert len(said) == 1 and said < {line.format(os.path.join(m, "fsdp")) for m in cluster.machines}  # RANK 0's
+    # torchrun's failure report names the ranks' exit code, 2 (bad input); the agent that held the rendezvous
+    # store always prints it, the other one may instead lose the store first (RendezvousConnectionError)
+    assert any(re.search(r"exitcode\s+: 2 ", r.err) for r in results)
     assert not any(os.path.exists(os.path.join(m, "fsdp")) for m in cluster.machines)
 
 
