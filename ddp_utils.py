@@ -55,11 +55,12 @@ def _pick_device(device):
 def setup(device="auto", fsdp=False):
     """Pick the device and, under torchrun (RANK is set), join the process group.
 
-    Returns SimpleNamespace(ddp, fsdp, rank, local_rank, world_size, device, device_type, master,
+    Returns SimpleNamespace(ddp, fsdp, rank, local_rank, world_size, nodes, device, device_type, master,
     local_master). Under DDP on CUDA every process uses cuda:LOCAL_RANK, which is right on
     every node of a multi-node run (RANK is global, LOCAL_RANK counts GPUs on this machine);
     `master` (RANK 0) writes files once per run, `local_master` (LOCAL_RANK 0) does per-node work
-    once per machine (e.g. an S3 download onto that machine's disk).
+    once per machine (e.g. an S3 download onto that machine's disk). `nodes`: the machines of the
+    run (torchrun's GROUP_WORLD_SIZE, its --nnodes; 1 without torchrun).
     fsdp=True (FSDP2, see the FSDP2 section below) needs torchrun, also for one process
     (`torchrun --standalone --nproc_per_node=1`), and a CUDA or CPU device: a ValueError otherwise.
     """
@@ -75,6 +76,7 @@ def setup(device="auto", fsdp=False):
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
         # Before init_process_group, not after: torch.distributed.nn's functions take the default
         # group as a default argument, evaluated on import, and torch imports the module lazily (e.g.
         # torch._dynamo, which building a model on the meta device pulls in). Imported after init, it
@@ -93,13 +95,13 @@ def setup(device="auto", fsdp=False):
         else:
             dist.init_process_group(backend="gloo")
     else:
-        rank, local_rank, world_size = 0, 0, 1
+        rank, local_rank, world_size, nodes = 0, 0, 1, 1
         if device == "cuda":
             device = "cuda:0"
         if device.startswith("cuda:"):
             torch.cuda.set_device(device)
     return SimpleNamespace(ddp=ddp, fsdp=bool(fsdp), rank=rank, local_rank=local_rank, world_size=world_size,
-                           device=device, device_type=device_type,
+                           nodes=nodes, device=device, device_type=device_type,
                            master=rank == 0, local_master=local_rank == 0)
 
 

@@ -33,6 +33,7 @@ import os
 import queue
 import re
 import shutil
+import socket
 import threading
 import time
 
@@ -304,10 +305,12 @@ class S3Uploader:
                       f"will retry after the next upload", flush=True)
 
 
-def download_checkpoint(s3_uri, dest_dir, which="latest"):
-    """Download the manifest's `latest` (or `best`, or a named) checkpoint into dest_dir and return
-    its local path. The file appears atomically and is checked against the manifest's size and
-    sha256; an existing identical file is reused."""
+def download_checkpoint(s3_uri, dest_dir, which="latest", filename=None):
+    """Download the manifest's `latest` (or `best`, or a named) checkpoint into dest_dir, as
+    `filename` (default: its name in the bucket), and return its local path. The file appears
+    atomically and is checked against the manifest's size and sha256; an existing identical file
+    is reused. Several machines may download into one shared folder at once: each writes its own
+    temp file (host name and pid in its name) and the identical results replace each other."""
     bucket, prefix = parse_s3_uri(s3_uri)
     client = boto3.client("s3")
     manifest_uri = f"s3://{bucket}/{_key(prefix, MANIFEST)}"
@@ -323,10 +326,10 @@ def download_checkpoint(s3_uri, dest_dir, which="latest"):
         raise FileNotFoundError(f"no {which!r} checkpoint listed in {manifest_uri}")
 
     os.makedirs(dest_dir, exist_ok=True)
-    path = os.path.join(dest_dir, name)
+    path = os.path.join(dest_dir, filename or name)
     if os.path.isfile(path) and os.path.getsize(path) == entry["size"] and _sha256(path) == entry["sha256"]:
         return path
-    tmp = os.path.join(dest_dir, f".{name}.tmp.{os.getpid()}")
+    tmp = os.path.join(dest_dir, f".{os.path.basename(path)}.tmp.{socket.gethostname()}.{os.getpid()}")
     src = f"s3://{bucket}/{_key(prefix, name)}"
     try:
         client.download_file(bucket, _key(prefix, name), tmp, Config=_transfer_config())

@@ -9,10 +9,10 @@ Single device (CPU, MPS, one GPU):
     python train_baseline.py config/arith_baseline.py
 DDP on one machine:
     torchrun --standalone --nproc_per_node=4 train_baseline.py config/mtp7b_baseline.py
-Several machines (run on each, NODE_RANK = 0, 1):
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
-        --rdzv_endpoint=$MASTER_HOST:29500 train_baseline.py config/mtp7b_baseline.py
-FSDP2 (full fine-tuning beyond one GPU's memory; also with --nnodes):
+Several machines (the same line on each; README 'Several machines': data on each, out_dir or S3):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST0:29500 --rdzv_id=run1 \
+        train_baseline.py config/mtp7b_baseline.py --s3_uri=s3://bucket/run1
+FSDP2 (full fine-tuning beyond one GPU's memory; with --nnodes, out_dir on a shared mount):
     torchrun --standalone --nproc_per_node=8 train_baseline.py config/mtp7b_full_fsdp.py
 """
 
@@ -95,6 +95,7 @@ try:
 except ValueError as e:
     fail(e)
 tc.check_config(config, ctx)
+tc.check_storage_all_ranks(out_dir, init_from, fsdp, ctx)  # several machines: out_dir where each needs it?
 torch.manual_seed(seed + ctx.rank)
 autocast = ddp_utils.autocast_context(ctx, dtype)
 
@@ -109,7 +110,7 @@ model_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n
                        multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier, norm_eps=norm_eps,
                        rope_theta=rope_theta, n_future_tokens=n_future_tokens, max_seq_len=max_seq_len)
 model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=False, pad_vocab_multiple=pad_vocab_multiple,
-                              model_args=model_args, seed=seed, n_future_tokens=n_future_tokens)
+                              model_args=model_args, seed=seed, n_future_tokens=n_future_tokens, stage="baseline")
 n = model.n_future_tokens
 tc.set_trainable(model, trainable)
 ddp_utils.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
@@ -185,8 +186,7 @@ while state["iter"] < max_iters:
     log_steps += 1
     if tc.too_many_bad_steps(stepped, state, max_bad_steps, out_dir, logger, ctx):
         save_all_ranks(("ckpt.pt",))
-        tc.finish_run(logger, uploader, ctx)
-        raise SystemExit(1)
+        raise SystemExit(tc.finish_run(logger, uploader, ctx, code=1))
 
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         ddp_utils.all_reduce_sum(log_loss)  # each rank holds its share of every step's loss

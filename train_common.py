@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,58 @@ def check_config(config: dict, ctx):
             fail(f"{key} must be >= 1, got {config[key]}")
 
 
+def check_storage_all_ranks(out_dir, init_from, fsdp: bool, ctx):
+    """On several machines (torchrun --nnodes=2 or more), refuse before any work what needs a file
+    that one machine writes and another reads, with one line saying what to mount: fsdp=True (every
+    rank writes its shards of the optimizer state into out_dir/ckpt_dcp/<iter>, and a resume reads
+    all of them) needs out_dir to be one folder that every machine mounts; init_from='resume' needs
+    out_dir/ckpt.pt on every machine. Plain DDP needs neither: rank 0 alone writes, and
+    init_from='s3://...' downloads on each machine. Rank 0 leaves a file in its out_dir and each
+    machine looks for it in its own. A collective; nothing to check on one machine."""
+    if ctx.nodes == 1 or not (fsdp or init_from == "resume"):
+        return
+    probe, created = [None, out_dir], False  # (a file name, rank 0's out_dir)
+    if ctx.master:
+        created = not os.path.isdir(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        probe[0] = f".shared_check.tmp.{os.getpid()}.{time.time_ns()}"  # a .tmp. name: start_run clears a leftover
+        open(os.path.join(out_dir, probe[0]), "w").close()
+    dist.broadcast_object_list(probe, src=0)
+    missing = torch.zeros(2)  # (machines that do not see rank 0's out_dir, machines without out_dir/ckpt.pt)
+    if ctx.local_master:
+        deadline = time.monotonic() + 2.0  # a network filesystem may show a new file to other machines late
+        while not os.path.isfile(os.path.join(out_dir, probe[0])) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        missing[0] = not os.path.isfile(os.path.join(out_dir, probe[0]))
+        missing[1] = not os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
+    not_shared, no_ckpt = (int(x) for x in ddp_utils.all_reduce_sum(missing).tolist())
+    if ctx.master:
+        os.remove(os.path.join(out_dir, probe[0]))
+        if created and (not_shared or no_ckpt):
+            os.rmdir(out_dir)  # refused: leave nothing behind
+    problems = []
+    if fsdp and not_shared:
+        problems.append(f"fsdp=True writes every rank's shards of the optimizer state to out_dir/ckpt_dcp/, but "
+                        f"{not_shared} machine(s) do not see rank 0's out_dir {probe[1]}")
+    if init_from == "resume" and no_ckpt:
+        problems.append(f"init_from='resume' reads out_dir/ckpt.pt on every machine, but {no_ckpt} machine(s) have none")
+    if problems:
+        remedy = "give as out_dir a folder on storage that every machine mounts at the same path (NFS, Lustre, ...)"
+        if not (fsdp and not_shared):
+            remedy += ", or resume from the run's s3_uri with init_from=s3://..."
+        exit_all_ranks(f"on {ctx.nodes} machines: {'; '.join(problems)}: {remedy}", ctx)
+
+
+def exit_all_ranks(error, ctx):
+    """Every rank stops (exit 2) with `error` printed once per machine, once all of them know (after
+    a collective): the process group is left first, as exiting inside it can abort (SIGABRT) while
+    a gloo thread is still busy. `error` None: a rank of a machine that already said why."""
+    ddp_utils.cleanup()
+    if error and ctx.local_master:
+        fail(error)
+    sys.exit(2)
+
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -77,44 +130,41 @@ def build_data(data_dir, ctx, batch_size, max_length, overflow, seed, n_samples=
 # -----------------------------------------------------------------------------
 # model
 
+S3_INIT = "s3_init.pt"  # what init_from='s3://...' downloads into out_dir, on every machine
+
+
 def init_model(init_from, ctx, meta: dict, out_dir, value_head, pad_vocab_multiple: int, model_args=None, seed=0,
-               n_future_tokens=None):
+               n_future_tokens=None, stage=None):
     """The model named by init_from, on the CPU, and the checkpoint to resume from (or None).
     Loaded weights stay as stored, memory-mapped (ddp_utils.place_model converts them one at a time).
 
     init_from: 'scratch' (a new model of `model_args`, a ModelArgs, initialised from `seed`: only the
     scripts that can build one pass it), 'resume' (out_dir/ckpt.pt, exact continuation),
-    's3://bucket/prefix' (the manifest's latest checkpoint, then as 'resume'), a Meta directory, a
-    Hugging Face LLaMA directory, or a checkpoint file / run directory of any stage (weights only,
-    new run). n_future_tokens (train_baseline.py passes its setting): a plain next-token source (one
-    head: any Hugging Face LLaMA, a LLaMA-2 Meta directory) gets that many heads, head 0 its own
-    last block and heads 1.. copies of it; an MTP source keeps its heads.
+    's3://bucket/prefix' (the manifest's latest checkpoint, downloaded to out_dir/s3_init.pt on each
+    machine: a checkpoint of this script's `stage` ('baseline', 'critic', ...) resumes as 'resume'
+    does, another stage's starts a new run from its weights), a Meta directory, a Hugging Face LLaMA
+    directory, or a checkpoint file / run directory of any stage (weights only, new run).
+    n_future_tokens (train_baseline.py passes its setting): a plain next-token source (one head: any
+    Hugging Face LLaMA, a LLaMA-2 Meta directory) gets that many heads, head 0 its own last block and
+    heads 1.. copies of it; an MTP source keeps its heads.
     value_head: True (add a fresh one if missing), False (drop), None (as in the checkpoint)."""
     resume = None
+    from_s3 = init_from.startswith("s3://")
+    source = fetch_s3_all_ranks(init_from, ctx, out_dir) if from_s3 else init_from  # a local file on every machine
     try:
         if init_from == "scratch":
             if model_args is None:
                 fail("init_from='scratch' builds a new model only in train_baseline.py; give a model here")
             torch.manual_seed(seed)  # the same initial weights on every rank
             model = Transformer(model_args, value_head=bool(value_head))
-        elif init_from == "resume" or init_from.startswith("s3://"):
-            path = os.path.join(out_dir, "ckpt.pt")
-            if init_from.startswith("s3://"):
-                from s3 import download_checkpoint
-                path = os.path.join(out_dir, "s3_resume.pt")
-                if ctx.local_master:  # one download per node; the other ranks wait for it
-                    try:
-                        downloaded = download_checkpoint(init_from, out_dir)  # the manifest's latest
-                    except RuntimeError as e:  # store unreachable, access denied, ...
-                        fail(f"init_from={init_from!r}: {e}")
-                    os.replace(downloaded, path)
-                ddp_utils.barrier()
+        elif init_from == "resume" or (from_s3 and ddp_utils.load_checkpoint(source).get("stage") == stage):
+            path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else source
             resume = ddp_utils.load_checkpoint(path)
             if resume.get("dcp"):  # an FSDP run's optimizer state: a DCP folder beside ckpt.pt
                 resume["dcp"] = os.path.join(os.path.dirname(os.path.abspath(path)), resume["dcp"])
             model = Transformer.from_checkpoint(resume, dtype=None, value_head=value_head, source=path)
         else:
-            model = Transformer.load(init_from, device="cpu", dtype=None, value_head=value_head)
+            model = Transformer.load(source, device="cpu", dtype=None, value_head=value_head)
             if model.n_future_tokens == 1 and (n_future_tokens or 1) > 1:
                 model.set_n_future_tokens(n_future_tokens)  # a plain LLaMA gets heads: copies of its last block
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -130,6 +180,24 @@ def init_model(init_from, ctx, meta: dict, out_dir, value_head, pad_vocab_multip
         except ValueError as e:
             fail(e)
     return model, resume
+
+
+def fetch_s3_all_ranks(uri, ctx, out_dir) -> str:
+    """Download the manifest's latest checkpoint under `uri` to out_dir/s3_init.pt once per machine
+    (its local rank 0; every machine has its own disk, or they share one and the downloads are
+    atomic) and return that path once every machine has it. A failed download stops every rank
+    (exit 2), with its one line on the machine where it failed. A collective."""
+    error = None
+    if ctx.local_master:
+        from s3 import download_checkpoint
+        try:
+            download_checkpoint(uri, out_dir, filename=S3_INIT)
+        except (RuntimeError, OSError, ValueError) as e:  # store unreachable, no manifest, bad sha256, disk, ...
+            error = f"init_from={uri!r}: {e}"
+    failed = ddp_utils.all_reduce_sum(torch.tensor([float(error is not None)]))  # the barrier: all downloads done
+    if failed.item():
+        exit_all_ranks(error, ctx)  # said on the machine(s) where it failed
+    return os.path.join(out_dir, S3_INIT)
 
 
 def set_trainable(model, trainable: str) -> list:
@@ -314,19 +382,29 @@ def start_run(out_dir, ctx, config: dict, wandb_log=False, wandb_project="wmtp",
     return logger, uploader
 
 
-def finish_run(logger, uploader, ctx) -> int:
+def finish_run(logger, uploader, ctx, code=0) -> int:
     """Wait for pending S3 uploads, close the log, leave the process group. Returns the exit code:
-    0, or EXIT_S3_FAILED on rank 0 when checkpoints did not reach S3 (they are all in out_dir)."""
-    code = 0
+    `code` (the run's own: 1 after max_bad_steps), else EXIT_S3_FAILED on rank 0 when checkpoints
+    did not reach S3 (they are all in out_dir), else 0.
+    Under fsdp the process ends here, with that code, without the interpreter's shutdown: FSDP's
+    device mesh (and torch's DTensor caches) keep the process group, and with it gloo's threads,
+    alive past destroy_process_group, and a gloo thread that needs the GIL while the interpreter
+    shuts down (a peer machine closing its connections, a last work released) is killed inside
+    C++: "terminate called without an active exception", SIGABRT, a finished run reported as
+    failed (3 of 6 runs on two machines; issue 15 was the same under DDP). Nothing is left to do."""
     if uploader is not None:
         not_uploaded = uploader.close(timeout=600)  # waits for pending uploads; prints what did not reach S3
         if not_uploaded:
             print(error_line(f"{len(not_uploaded)} checkpoint(s) did not reach {uploader.uri}; they are in out_dir "
                              f"(exit code {EXIT_S3_FAILED})"), file=sys.stderr, flush=True)
-            code = EXIT_S3_FAILED
+            code = code or EXIT_S3_FAILED
     if logger is not None:
         logger.finish()
     ddp_utils.cleanup()
+    if ctx.fsdp:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 

@@ -83,6 +83,7 @@ except ValueError as e:
 tc.check_config(config, ctx)
 if value_target not in ("reward", "prefix"):
     fail(f"value_target {value_target!r}: use 'reward' or 'prefix'")
+tc.check_storage_all_ranks(out_dir, init_from, fsdp, ctx)  # several machines: out_dir where each needs it?
 torch.manual_seed(seed + ctx.rank)
 autocast = ddp_utils.autocast_context(ctx, dtype)
 
@@ -94,7 +95,7 @@ if value_target == "prefix" and not datasets["train"].has_step_labels:
     fail(f"value_target='prefix' needs step labels: {data_dir} has none (data/arith/prepare.py writes them)")
 
 model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=True,  # a fresh value head unless init_from has one
-                              pad_vocab_multiple=pad_vocab_multiple)
+                              pad_vocab_multiple=pad_vocab_multiple, stage="critic")
 tc.set_trainable(model, trainable)
 ddp_utils.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
 params = [p for p in model.parameters() if p.requires_grad]  # after place_model: fsdp swaps in shards
@@ -170,8 +171,7 @@ while state["iter"] < max_iters:
     log_steps += 1
     if tc.too_many_bad_steps(stepped, state, max_bad_steps, out_dir, logger, ctx):
         save_all_ranks(("ckpt.pt",))
-        tc.finish_run(logger, uploader, ctx)
-        raise SystemExit(1)
+        raise SystemExit(tc.finish_run(logger, uploader, ctx, code=1))
 
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         ddp_utils.all_reduce_sum(log_loss)  # each rank holds its share of every step's loss

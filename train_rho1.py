@@ -95,6 +95,7 @@ if not 0 < k_percent <= 1:
     fail(f"k_percent must be in (0, 1], got {k_percent}")
 if selection_scope not in ("micro_batch", "step"):
     fail(f"selection_scope {selection_scope!r}: use 'micro_batch' or 'step'")
+tc.check_storage_all_ranks(out_dir, init_from, fsdp, ctx)  # several machines: out_dir where each needs it?
 torch.manual_seed(seed + ctx.rank)
 autocast = ddp_utils.autocast_context(ctx, dtype)
 
@@ -103,7 +104,8 @@ meta, datasets, loaders = tc.build_data(data_dir, ctx, batch_size, max_length, o
 train_loader, train_sampler = loaders["train"]
 val_loader, _ = loaders["val"]
 
-model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=False, pad_vocab_multiple=pad_vocab_multiple)
+model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=False, pad_vocab_multiple=pad_vocab_multiple,
+                              stage="rho1")
 n = model.n_future_tokens
 tc.set_trainable(model, trainable)
 ddp_utils.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
@@ -238,8 +240,7 @@ while state["iter"] < max_iters:
     log_steps += 1
     if tc.too_many_bad_steps(stepped, state, max_bad_steps, out_dir, logger, ctx):
         save_all_ranks(("ckpt.pt",))
-        tc.finish_run(logger, uploader, ctx)
-        raise SystemExit(1)
+        raise SystemExit(tc.finish_run(logger, uploader, ctx, code=1))
 
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         ddp_utils.all_reduce_sum(log_loss[0])  # each rank holds its share of every step's loss

@@ -104,6 +104,7 @@ if weight_mode not in WEIGHT_MODES or value_target not in ("reward", "prefix"):
          "'reward' or 'prefix'")
 if weight_scope not in ("micro_batch", "step"):
     fail(f"weight_scope {weight_scope!r}: use 'micro_batch' or 'step'")
+tc.check_storage_all_ranks(out_dir, init_from, fsdp, ctx)  # several machines: out_dir where each needs it?
 torch.manual_seed(seed + ctx.rank)
 autocast = ddp_utils.autocast_context(ctx, dtype)
 
@@ -115,7 +116,8 @@ if (weight_mode.startswith("oracle") or value_target == "prefix") and not datase
     fail(f"weight_mode={weight_mode!r} / value_target={value_target!r} need step labels: {data_dir} has none "
          "(data/arith/prepare.py writes them)")
 
-model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=True, pad_vocab_multiple=pad_vocab_multiple)
+model, resume = tc.init_model(init_from, ctx, meta, out_dir, value_head=True, pad_vocab_multiple=pad_vocab_multiple,
+                              stage="verifiable")
 n = model.n_future_tokens
 tc.set_trainable(model, trainable)
 ddp_utils.place_model(model, ctx, dtype)  # fsdp: each block sharded over the ranks, the rest replicated
@@ -229,8 +231,7 @@ while state["iter"] < max_iters:
     log_steps += 1
     if tc.too_many_bad_steps(stepped, state, max_bad_steps, out_dir, logger, ctx):
         save_all_ranks(("ckpt.pt",))
-        tc.finish_run(logger, uploader, ctx)
-        raise SystemExit(1)
+        raise SystemExit(tc.finish_run(logger, uploader, ctx, code=1))
 
     if state["iter"] % log_interval == 0 or state["iter"] == max_iters:
         ddp_utils.all_reduce_sum(log_loss)  # each rank holds its share of every step's loss

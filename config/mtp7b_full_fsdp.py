@@ -1,9 +1,10 @@
 # Stage 0 with FULL fine-tuning of Meta's 7B_1T_4 (embeddings, trunk, heads) under FSDP2, 4-8 80 GB GPUs:
 #   torchrun --standalone --nproc_per_node=8 train_baseline.py config/mtp7b_full_fsdp.py
 #   torchrun --standalone --nproc_per_node=4 train_baseline.py config/mtp7b_full_fsdp.py --gradient_accumulation_steps=16
-# Two nodes (out_dir on storage both nodes see: every rank writes its shard of the checkpoint there):
-#   torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
-#       --rdzv_endpoint=$MASTER_HOST:29500 train_baseline.py config/mtp7b_full_fsdp.py --gradient_accumulation_steps=4
+# Two nodes, the same line on each (out_dir on storage both nodes mount at the same path: every rank writes its
+# shard of the optimizer state there; without it the run stops at start):
+#   torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST0:29500 --rdzv_id=run1 \
+#       train_baseline.py config/mtp7b_full_fsdp.py --gradient_accumulation_steps=4 --out_dir=/shared/out/7b_full
 # The other stages take the same two lines (fsdp = True, trainable = "all") in their own 7B configs.
 #
 # Why FSDP: DDP keeps weights + grads + AdamW on every GPU, 16 B/param * 6.74B = 108 GB > 80 GB.

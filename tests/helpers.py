@@ -1,13 +1,18 @@
 """Helpers shared by several test files (test files never import each other).
 
 Running the real scripts as processes: `run`, the micro model and fast settings, the metrics log;
-and the loss oracles the model's training step is checked against."""
+the loss oracles the model's training step is checked against; an S3 server on loopback."""
 
 import json
 import os
+import re
 import runpy
+import socket
 import subprocess
 import sys
+import threading
+import urllib.parse
+import urllib.request
 
 import torch
 
@@ -92,3 +97,56 @@ TEXTS = ["Compute: 3 + 4 * (12 - 5)\n= 3 + 28\nAnswer: 31", "def f(x):\n    retu
 SAMPLES = ["hello world", "Answer: -1234\n", "  leading and trailing  ", "multi\nline\n\ntext\n", "é ü 漢字 🙂",
            "<s></s><pad> <|begin_of_text|>", ""]
 
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 in server mode on 127.0.0.1 (real HTTP: boto3 talks to it as to AWS, nothing is
+    stubbed), in a thread of this process. stop() refuses connections until start() again on the
+    same port. `requests` is its access log: (method, path, access key id, status) of every request,
+    so clients given keys of their own (env(key)) can be told apart, e.g. two machines' downloads.
+    moto keeps one store per process, across servers: reset() empties it."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.requests = []
+        self.server = None
+        self.start()
+
+    def start(self):
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+        log = self.requests
+
+        class Handler(MotoRequestHandler):
+            def log_request(self, code="-", size="-"):  # werkzeug's access-log hook, one call per request
+                key = re.search(r"Credential=([^/]+)/", self.headers.get("Authorization", ""))
+                log.append((self.command, urllib.parse.urlsplit(self.path).path, key and key.group(1), int(code)))
+
+        app = DomainDispatcherApplication(create_backend_app)
+        self.server = make_server("127.0.0.1", self.port, app, threaded=True, request_handler=Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()  # shutdown() leaves the socket listening
+            self.thread.join()
+            self.server = None
+
+    def env(self, key="testing"):
+        """boto3's settings for this server, with `key` as the access key id (moto accepts any)."""
+        return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": key,
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_MAX_ATTEMPTS": "1"}  # botocore's own retries off: S3Uploader retries
+
+    def reset(self):
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{self.port}/moto-api/reset", method="POST"),
+                               timeout=10)
+        self.requests.clear()

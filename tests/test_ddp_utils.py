@@ -396,7 +396,7 @@ def test_collectives_two_processes_gloo(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2))
 
     for i, r in enumerate((r0, r1)):
-        assert r["ctx"] == dict(ddp=True, fsdp=False, rank=i, local_rank=i, world_size=2, device="cpu",
+        assert r["ctx"] == dict(ddp=True, fsdp=False, rank=i, local_rank=i, world_size=2, nodes=1, device="cpu",
                                 device_type="cpu", master=i == 0, local_master=i == 0)
         assert r["main"] == (i == 0)
         assert r["sum"].tolist() == [3.0, 2.0]

@@ -13,19 +13,17 @@ import hashlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import urllib.request
 
 import boto3
 import pytest
 import torch
-from moto.server import ThreadedMotoServer
 
 import ddp_utils
 from configurator import declared_types
 from model import ModelArgs, Transformer
+from tests.helpers import S3Server
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,18 +128,11 @@ def test_hostile_checkpoint_never_runs(name, script, args, hostile, good_ckpt, a
 def test_hostile_checkpoint_from_s3_never_runs(hostile, arith_dir, tmp_path, monkeypatch, run_main):
     """init_from=s3://... downloads the manifest's latest checkpoint (moto's S3 server on loopback),
     then reads it with the same weights-only reader."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = S3Server()
     try:
-        for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                     "AWS_MAX_ATTEMPTS": "1"}.items():
+        for k, v in server.env().items():
             monkeypatch.setenv(k, v)
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"),
-                               timeout=10)
+        server.reset()
         body = open(hostile["ckpt"], "rb").read()
         client = boto3.client("s3")
         client.create_bucket(Bucket="shared")
@@ -153,9 +144,8 @@ def test_hostile_checkpoint_from_s3_never_runs(hostile, arith_dir, tmp_path, mon
                                   "--device=cpu", "--init_from=s3://shared/run", "--max_iters=1")
     finally:
         server.stop()
-        server._server.server_close()
     assert (code, err.count("\n")) == (2, 1), f"exit {code}\n{err[-2000:]}"
-    assert f"{tmp_path / 's3_resume.pt'}: holds objects beyond tensors and plain containers (posix.system)" in err
+    assert f"{tmp_path / 's3_init.pt'}: holds objects beyond tensors and plain containers (posix.system)" in err
     assert "s3: downloaded s3://shared/run/ckpt_0000003.pt" in out and not hostile["marker"].exists()
 
 

@@ -20,11 +20,9 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import boto3
 import numpy as np
@@ -32,7 +30,7 @@ import pytest
 import torch
 
 from data.loader import TokenDataset, load_meta, make_loader
-from tests.helpers import FAST, MICRO, ROOT, metrics
+from tests.helpers import FAST, MICRO, ROOT, S3Server, free_port, metrics
 
 PY = sys.executable
 BUCKET = "wmtp-rel"
@@ -46,12 +44,6 @@ def run(args, expect=0, env=None, timeout=180):
     p = subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e, umask=0o022)
     assert p.returncode == expect, f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-3000:]}"
     return p
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_records(out_dir):
@@ -201,24 +193,16 @@ def test_some_steps_non_finite_are_skipped_and_the_run_completes(base_dir, data_
 
 @pytest.fixture
 def s3_store(monkeypatch):
-    from moto.server import ThreadedMotoServer
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}
-    for k, v in env.items():
+    server = S3Server()
+    for k, v in server.env().items():
         monkeypatch.setenv(k, v)
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(k, raising=False)
-    # moto keeps its state per process, across servers: start from an empty store
-    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"),
-                           timeout=10)
+    server.reset()  # moto keeps its state per process, across servers: start from an empty store
     client = boto3.client("s3")
     client.create_bucket(Bucket=BUCKET)
     yield client
     server.stop()
-    server._server.server_close()
 
 
 def manifest(client, prefix):
@@ -244,7 +228,7 @@ def test_s3_manifest_and_resume_in_a_fresh_out_dir(s3_store, data_dir, tmp_path)
     assert s3.get_object(Bucket=BUCKET, Key="run1/ckpt_0000004.pt")["Body"].read() == local
 
     run(["train_baseline.py", f"--out_dir={out2}", f"--init_from={uri}", "--max_iters=6", *common])
-    assert open(os.path.join(out2, "s3_resume.pt"), "rb").read() == local
+    assert open(os.path.join(out2, "s3_init.pt"), "rb").read() == local
     assert [r["iter"] for r in train_records(out2)] == [5, 6]
     assert torch.load(os.path.join(out2, "final.pt"), weights_only=False)["iter"] == 6
     m = manifest(s3, "run1")

@@ -6,58 +6,32 @@ import hashlib
 import io
 import json
 import os
-import socket
 import time
-import urllib.request
 
 import boto3
 import pytest
 import torch
-from moto.server import ThreadedMotoServer
 
 import s3
 from ddp_utils import load_weights, save_checkpoint
 from s3 import S3Uploader, download_checkpoint, parse_s3_uri
+from tests.helpers import S3Server
 
 BUCKET = "wmtp-test"
 
 
-class Server:
-    """moto's S3 on 127.0.0.1 that can be stopped (connections refused) and restarted on its port."""
-
-    def __init__(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.start()
-
-    def start(self):
-        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.moto.start()
-
-    def stop(self):
-        self.moto.stop()
-        self.moto._server.server_close()  # stop() leaves the socket listening; close it for real
-
-
 @pytest.fixture
 def server(monkeypatch):
-    srv = Server()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{srv.port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off: S3Uploader retries
+    srv = S3Server()
+    for k, v in srv.env().items():
+        monkeypatch.setenv(k, v)
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(k, raising=False)
-    # moto keeps its state in this process across servers: start every test from an empty store
-    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{srv.port}/moto-api/reset",
-                                                  method="POST"), timeout=10)
+    srv.reset()  # start every test from an empty store
     client = boto3.client("s3")
     client.create_bucket(Bucket=BUCKET)
     yield srv, client
-    if srv.moto._server_ready_event.is_set():
-        srv.stop()
+    srv.stop()
 
 
 def make_ckpt(path, i, n=1000):
