@@ -37,9 +37,9 @@ Measured per variant (the JSON has every number; the table rounds them):
             move it (step_ms_min/max in the JSON give the spread). Per-step times from CUDA events
             recorded between the steps (no host sync inside the loop, no .item() inside a step),
             the host clock on a CPU (its steps are synchronous), a sync after each step on MPS.
-  cpu ms    CPU only: the median CPU time of this process per step (all its threads). With one
-            thread, wall time well above it means other processes had the core: the wall-clock
-            ratios are then noise (a note says so), the CPU-time ratios much less so.
+  CPU time  (step_cpu_ms in the JSON; CPU only) the median CPU time of this process per step, all
+            its threads. With one thread, wall time well above it means other processes had the
+            core: the wall-clock ratios are then noise (a note says so), CPU-time ratios much less so.
   MFU       flops_per_token() * tokens/s / dense peak FLOP/s of the device (PEAK_FLOPS); null on CPU.
   peak mem  CUDA: torch.cuda.max_memory_allocated over warm-up + timed steps, reset per variant after
             the model and optimizer are built. CPU (no allocator peak API): one extra step under
@@ -548,12 +548,6 @@ def release(cfg):
         torch.cuda.empty_cache()
 
 
-def write_report(report):
-    os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
-    with open(json_out, "w") as f:
-        json.dump(report, f, indent=1)
-
-
 base_name = baseline_variant or variants[0]
 report = {"device": device_name, "device_type": device_type, "torch": torch.__version__, "commit": git_commit(),
           "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "dtype": dtype,
@@ -577,8 +571,8 @@ for cfg in configs:
     keys = ("impl", "stage", "trainable", "n_layers", "n_future_tokens", "batch_size", "naive", "ce_chunk_size",
             "compile", "ref_cached", "step_sync")
     r = {"name": cfg["name"], **{k: cfg[k] for k in keys}, "status": "error", "note": "", "step_ms": None,
-         "step_ms_min": None, "step_ms_max": None, "step_cpu_ms": None, "tokens_per_s": None, "flops_per_token": None, "mfu": None, "peak_mem_bytes": None, "params": None,
-         "trainable_params": None, "loss": None}
+         "step_ms_min": None, "step_ms_max": None, "step_cpu_ms": None, "tokens_per_s": None, "flops_per_token": None,
+         "mfu": None, "peak_mem_bytes": None, "params": None, "trainable_params": None, "loss": None}
     if time_budget_s > 0 and time.time() - t_start > time_budget_s:
         r.update(status="skipped", note=f"time budget {time_budget_s:.0f} s spent")
     else:
@@ -606,7 +600,9 @@ for cfg in configs:
     else:
         print(f"  {r['name']}: {r['status']} ({r['note']})", flush=True)
     if json_out:
-        write_report(report)
+        os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
+        with open(json_out, "w") as f:
+            json.dump(report, f, indent=1)
 
 print()
 print(table(report["results"]))

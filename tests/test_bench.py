@@ -51,7 +51,7 @@ def test_micro_table_and_json_are_consistent(tmp_path):
     tokens = 4 * 64  # default batch_size * seq_len
     for r in ok:
         assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["mfu"] is None
-        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] and r["step_cpu_ms"] > 0  # median of 2 steps
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] and r["step_cpu_ms"] > 0  # medians of 2 steps
         assert abs(r["tokens_per_s"] * r["step_ms"] / 1e3 - tokens) < 1e-6 * tokens
         assert abs(r["ratios"]["step_time"] - r["step_ms"] / base["step_ms"]) < 1e-9
         assert abs(r["ratios"]["tokens_per_s"] * r["ratios"]["step_time"] - 1) < 1e-9
