@@ -5,6 +5,7 @@ stage, for several variants side by side in ONE process, with ratios against a b
     python bench.py                                    # micro model, default variants (seconds, any machine)
     python bench.py config/bench_cpu.py                # the small CPU table of dev/LOG.md
     python bench.py config/bench_1b.py --variants="['base','hf','n1']" --json_out=out/bench_1b.json
+    python bench.py config/bench_cpu.py --threads=1 --variants="['base','base','hf']"   # x time of the 2nd base ~ 1
     bash dev/bench_h100.sh                             # the issue-7 set on one H100 (< 8 minutes)
 
 A variant is the settings below plus modifiers joined by '+', applied left to right (e.g. 'naive',
@@ -24,9 +25,21 @@ A variant is the settings below plus modifiers joined by '+', applied left to ri
   V<N> | pad<k>                 vocab_size=N | pad_vocab_multiple=k (e.g. 'V32001' vs 'V32001+pad64')
   sync                          step_sync=True: one host sync per step, as the train scripts' optimizer_step
 
+The table goes to the screen, the JSON report (every number) to json_out only. Before the first
+timed variant, the baseline variant runs once untimed (process_warmup): a process's first steps pay
+one-time costs (lazy library and kernel set-up, the allocator growing, thread pools starting) that
+would otherwise land on whichever variant comes first. The same variant listed twice gives the
+check: its second x time should be ~1 (dev/LOG.md has a CPU measurement).
+
 Measured per variant (the JSON has every number; the table rounds them):
-  tokens/s  batch_size * seq_len / step time, mean over `iters` steps after `warmup` steps. The device
-            is synchronized only before and after the timed steps; no .item() inside a step.
+  tokens/s  batch_size * seq_len / step time; step time = the median of `iters` timed steps after
+            `warmup` steps, so one step slowed down by another process on a shared machine does not
+            move it (step_ms_min/max in the JSON give the spread). Per-step times from CUDA events
+            recorded between the steps (no host sync inside the loop, no .item() inside a step),
+            the host clock on a CPU (its steps are synchronous), a sync after each step on MPS.
+  CPU time  (step_cpu_ms in the JSON; CPU only) the median CPU time of this process per step, all
+            its threads. With one thread, wall time well above it means other processes had the
+            core: the wall-clock ratios are then noise (a note says so), CPU-time ratios much less so.
   MFU       flops_per_token() * tokens/s / dense peak FLOP/s of the device (PEAK_FLOPS); null on CPU.
   peak mem  CUDA: torch.cuda.max_memory_allocated over warm-up + timed steps, reset per variant after
             the model and optimizer are built. CPU (no allocator peak API): one extra step under
@@ -36,13 +49,16 @@ Measured per variant (the JSON has every number; the table rounds them):
             through PyTorch's CPU allocator, not library scratch space (oneDNN/MKL) or Python objects.
 """
 
+import contextlib
 import gc
 import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -94,10 +110,11 @@ seed = 1337
 # benchmark
 warmup = 2  # untimed steps per variant (compilation happens here)
 iters = 5  # timed steps per variant
+process_warmup = True  # one untimed run of the baseline variant before any timed one (the process's one-time costs)
 variants = ["base", "naive", "ce32", "n1", "hf", "compile"]
 baseline_variant = ""  # ratios are against this variant ('' = the first one)
 time_budget_s = 0.0  # 0: no limit; otherwise variants that would start after this many seconds are skipped
-json_out = ""  # also write the JSON report here (rewritten after every variant)
+json_out = "out/bench.json"  # the JSON report, rewritten after every variant ('' = none); not printed
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 config = {k: v for k, v in globals().items()
           if not k.startswith("_") and isinstance(v, (bool, int, float, str, list, type(None)))}
@@ -141,11 +158,31 @@ def flops_per_token(cfg):
     return flops
 
 
+@contextlib.contextmanager
+def without_usdt_lines():
+    """torch.profiler's C++ backend (kineto) writes 'USDT:... profiler_start' / 'profiler_stop' lines
+    to file descriptor 2 around every profile. Hold fd 2 in a temp file meanwhile and pass on
+    everything but those lines (a kineto warning or error still shows)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not line.startswith("USDT:")))
+            sys.stderr.flush()
+
+
 def cpu_step_peak_bytes(step_fn):
     """Peak bytes allocated by PyTorch's CPU allocator during step_fn(), above the level before it:
     the profiler's memory events (+bytes per allocation, -bytes per free) summed in time order."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with without_usdt_lines(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step_fn()
     events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
@@ -418,11 +455,23 @@ def run_variant(cfg):
     for i in range(cfg["warmup"]):
         step(batches[i % len(batches)])
     sync()
-    t0 = time.perf_counter()
-    for i in range(cfg["iters"]):
-        loss = step(batches[i % len(batches)])
-    sync()
-    dt = (time.perf_counter() - t0) / cfg["iters"]
+    times, cpu_times = [], []  # seconds of each timed step: wall clock; on a CPU also this process's CPU time
+    if device_type == "cuda":  # events recorded between the steps: per-step times, no host sync in the loop
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(cfg["iters"] + 1)]
+        events[0].record()
+        for i in range(cfg["iters"]):
+            loss = step(batches[i % len(batches)])
+            events[i + 1].record()
+        sync()
+        times = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]  # elapsed_time: ms
+    else:  # a CPU step is synchronous (sync() is a no-op); MPS: a sync after each step
+        for i in range(cfg["iters"]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = step(batches[i % len(batches)])
+            sync()
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+    dt = statistics.median(times)
     loss = loss.item()
 
     peak_mem = None
@@ -438,7 +487,9 @@ def run_variant(cfg):
     tokens = cfg["batch_size"] * cfg["seq_len"]
     fpt = flops_per_token(cfg)
     mfu = fpt * tokens / dt / device_peak_flops if device_peak_flops else None
-    return {"status": "ok", "note": "", "step_ms": dt * 1e3, "tokens_per_s": tokens / dt,
+    return {"status": "ok", "note": "", "step_ms": dt * 1e3, "step_ms_min": min(times) * 1e3,
+            "step_ms_max": max(times) * 1e3, "tokens_per_s": tokens / dt,
+            "step_cpu_ms": statistics.median(cpu_times) * 1e3 if device_type == "cpu" else None,
             "flops_per_token": fpt, "mfu": mfu, "peak_mem_bytes": peak_mem,
             "params": sum(p.numel() for p in model.parameters()), "trainable_params": sum(p.numel() for p in params),
             "loss": loss}
@@ -488,6 +539,15 @@ def table(results):
     return "\n".join([line(cols), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def release(cfg):
+    """Give a finished variant's memory back (its model, optimizer and any exception frames are gone now)."""
+    gc.collect()
+    if cfg["compile"]:
+        torch._dynamo.reset()
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+
+
 base_name = baseline_variant or variants[0]
 report = {"device": device_name, "device_type": device_type, "torch": torch.__version__, "commit": git_commit(),
           "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "dtype": dtype,
@@ -497,12 +557,22 @@ print(f"bench: {device_name}, torch {torch.__version__}, commit {report['commit'
       f"B={batch_size} S={seq_len}, stage {stage}, trainable {trainable}, warmup {warmup}, iters {iters}")
 print(f"peak memory: {mem_method}; peak FLOP/s for MFU: {fmt(device_peak_flops, '.3g')}")
 t_start = time.time()
+if process_warmup:
+    cfg = configs[variants.index(base_name)]
+    print(f"warm-up: {base_name}, untimed (the process's one-time costs) ...", flush=True)
+    torch.manual_seed(cfg["seed"])
+    try:
+        run_variant(dict(cfg, iters=1))
+        print(f"  warm-up done in {time.time() - t_start:.1f} s", flush=True)
+    except Exception as e:  # noqa: BLE001  (its timed run reports the failure)
+        print(f"  warm-up failed ({first_line(e)})", flush=True)
+    release(cfg)
 for cfg in configs:
     keys = ("impl", "stage", "trainable", "n_layers", "n_future_tokens", "batch_size", "naive", "ce_chunk_size",
             "compile", "ref_cached", "step_sync")
     r = {"name": cfg["name"], **{k: cfg[k] for k in keys}, "status": "error", "note": "", "step_ms": None,
-         "tokens_per_s": None, "flops_per_token": None, "mfu": None, "peak_mem_bytes": None, "params": None,
-         "trainable_params": None, "loss": None}
+         "step_ms_min": None, "step_ms_max": None, "step_cpu_ms": None, "tokens_per_s": None, "flops_per_token": None,
+         "mfu": None, "peak_mem_bytes": None, "params": None, "trainable_params": None, "loss": None}
     if time_budget_s > 0 and time.time() - t_start > time_budget_s:
         r.update(status="skipped", note=f"time budget {time_budget_s:.0f} s spent")
     else:
@@ -517,18 +587,15 @@ for cfg in configs:
             r.update(status="oom" if oom else "error", note=first_line(e))
         except Exception as e:  # noqa: BLE001  (one variant failing must not stop the others)
             r.update(status="error", note=first_line(e))
-    # the variant's model, optimizer and any exception frames are gone now; give their memory back
-    gc.collect()
-    if cfg["compile"]:
-        torch._dynamo.reset()
-    if device_type == "cuda":
-        torch.cuda.empty_cache()
+    release(cfg)
     report["results"].append(r)
     report_rows(report["results"], base_name)
     if r["status"] == "ok":
         mem = r["peak_mem_bytes"] / 2**20 if r["peak_mem_bytes"] is not None else None
         mfu = r["mfu"] * 100 if r["mfu"] is not None else None
-        print(f"  {r['name']}: {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
+        cpu = f", CPU time {r['step_cpu_ms']:.1f} ms/step" if r["step_cpu_ms"] is not None else ""
+        print(f"  {r['name']}: {r['step_ms']:.1f} ms/step (median of {iters}, {r['step_ms_min']:.1f}-"
+              f"{r['step_ms_max']:.1f}{cpu}), {r['tokens_per_s']:,.0f} tokens/s, "
               f"MFU {fmt(mfu, '.1f')} %, peak {fmt(mem, ',.1f')} MiB", flush=True)
     else:
         print(f"  {r['name']}: {r['status']} ({r['note']})", flush=True)
@@ -540,4 +607,9 @@ for cfg in configs:
 print()
 print(table(report["results"]))
 print(f"ratios: x time = step time / {base_name}'s, x mem = peak memory / {base_name}'s")
-print(json.dumps(report))
+waits = [r["step_ms"] / r["step_cpu_ms"] for r in report["results"] if r["status"] == "ok" and r["step_cpu_ms"]]
+if waits and torch.get_num_threads() == 1 and max(waits) > 1.2:
+    print(f"note: wall time per step was up to {max(waits):.1f}x this process's CPU time: other processes had the "
+          f"core, so the wall-clock ratios are noise; compare step_cpu_ms in the JSON, or rerun on an idle machine")
+if json_out:
+    print(f"wrote {json_out}")

@@ -10,7 +10,8 @@ Reports, for the problems of one split (one prompt per problem, from {split}.jso
 - greedy pass@1: the fraction of problems whose greedy completion the dataset's verifier accepts;
 - sampled pass@1 and unbiased pass@k (Chen et al. 2021) from num_samples completions per problem
   at `temperature` (1.0 by default: imitated systematic mistakes show up in samples, not in greedy);
-- per-head loss and top-1 accuracy on the split's completion tokens (the training targets);
+- per-head loss and top-1 accuracy on the split's completion tokens (the training targets; eval.json's
+  `val_loss`, `val_head_loss`, `val_head_acc` keep their names but are on the evaluated split);
 - for a checkpoint with a value head: accuracy (V >= 0.5) and ROC AUC of V at the last completion
   token against the row's label, i.e. how well the critic tells correct from incorrect.
 Everything goes to eval.json (atomically), with the settings, the checkpoint path and the counts.
@@ -179,6 +180,7 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
 
     from data.loader import TokenDataset, collate, load_meta
     from evaluation import eval_sums
+    from sample import clip_to_context
     from weighting import auc, binary_accuracy
     model.eval()
     device = model.tok_embeddings.weight.device
@@ -187,6 +189,12 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
     notes, timings = [], {}
     problems = load_problems(data_dir, split, n_problems)
     prompts = [tok.encode(p["prompt"], bos=True, eos=False) for p in problems]  # [bos] prompt, as in the token data
+    # one limit for every prompt, in every batch: prompt + new tokens must fit the model's context
+    longest = max(map(len, prompts), default=1)
+    limit = clip_to_context(model, longest, max_new_tokens)
+    if limit < max_new_tokens:
+        notes.append(f"max_new_tokens={max_new_tokens} clipped to {limit}: the longest prompt ({longest} tokens) + "
+                     f"new tokens must fit the model's context of {model.rope.shape[0]} positions (2 * max_seq_len)")
 
     verify = make_verifier(meta, workers, timeout, hide=[data_dir])
     if verify is None:
@@ -213,7 +221,7 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
     # --- greedy --------------------------------------------------------------------------
     t0 = time.time()
     greedy, counts["greedy_hit_max_new_tokens"] = generate_batched(
-        model, prompts, "greedy", batch_size, max_new_tokens, 0.0, None, tok.eos_id, None, log_interval)
+        model, prompts, "greedy", batch_size, limit, 0.0, None, tok.eos_id, None, log_interval)
     timings["greedy_s"] = time.time() - t0
     greedy_text = [decode_completion(tok, ids, g) for ids, g in zip(prompts, greedy)]
     greedy_ok = [None] * len(problems)
@@ -230,7 +238,7 @@ def evaluate(model, tokenizer, data_dir, split="test", n_problems=None, batch_si
         flat = [ids for ids in prompts for _ in range(num_samples)]  # problem-major: rows i*s .. i*s+s-1
         t0 = time.time()
         sampled, counts["sampled_hit_max_new_tokens"] = generate_batched(
-            model, flat, "sampled", batch_size, max_new_tokens, temperature, top_k, tok.eos_id, gen, log_interval)
+            model, flat, "sampled", batch_size, limit, temperature, top_k, tok.eos_id, gen, log_interval)
         timings["sampled_s"] = time.time() - t0
         counts["samples"] = len(sampled)
         if verify is not None:
@@ -413,8 +421,8 @@ def write_json_atomic(path, obj):
             os.remove(tmp)
 
 
-def summary_table(m, title):
-    """Plain-text table of the headline numbers."""
+def summary_table(m, title, split="test"):
+    """Plain-text table of the headline numbers; the losses are on `split`, the evaluated split."""
     def f(x):
         return "-" if x is None else f"{x:.4f}"
     c = m["counts"]
@@ -424,10 +432,12 @@ def summary_table(m, title):
     sc = f"  ({c['sampled_correct']}/{c['samples']})" if "sampled_correct" in c else ""
     lines.append(f"{'pass@1 sampled':<28} {f(m['pass@1_sampled'])}{sc}")
     for k, v in m["pass@k"].items():
+        if k == "1":  # the same number as pass@1 sampled (the mean of c/n over problems)
+            continue
         lines.append(f"{'pass@' + k + ' sampled':<28} {f(v)}")
-    lines.append(f"{'val loss (mean of heads)':<28} {f(m['val_loss'])}")
-    lines.append(f"{'val loss per head':<28} " + " ".join(f(x) for x in m["val_head_loss"]))
-    lines.append(f"{'val top-1 acc per head':<28} " + " ".join(f(x) for x in m["val_head_acc"]))
+    lines.append(f"{split + ' loss (mean of heads)':<28} {f(m['val_loss'])}")  # eval.json's val_* keys: this split
+    lines.append(f"{split + ' loss per head':<28} " + " ".join(f(x) for x in m["val_head_loss"]))
+    lines.append(f"{split + ' top-1 acc per head':<28} " + " ".join(f(x) for x in m["val_head_acc"]))
     if m["value_acc"] is not None or m["value_auc"] is not None:
         lines.append(f"{'value acc / AUC':<28} {f(m['value_acc'])} / {f(m['value_auc'])}  ({c['value_rows']} rows)")
         if m.get("value_token_auc") is not None:
@@ -530,10 +540,13 @@ if __name__ == "__main__":
           f"heads, value head: {model.value_head is not None}, {ptdtype}, {ctx.device}) on {data_dir} {split}")
 
     t_start, rows = time.time(), []
-    metrics = evaluate(model, tok, data_dir, split=split, n_problems=n_problems, batch_size=batch_size,
-                       max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature, top_k=top_k,
-                       pass_k=pass_k, seed=seed, log_interval=log_interval, workers=workers, timeout=timeout,
-                       results=rows)
+    try:
+        metrics = evaluate(model, tok, data_dir, split=split, n_problems=n_problems, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
+                           top_k=top_k, pass_k=pass_k, seed=seed, log_interval=log_interval, workers=workers,
+                           timeout=timeout, results=rows)
+    except ValueError as e:  # e.g. a prompt longer than the model's context
+        fail(e)
     if results_out:
         write_jsonl_atomic(results_out, rows)
         print(f"wrote {results_out}")
@@ -541,7 +554,7 @@ if __name__ == "__main__":
               "iter": ckpt_info.get("iter"), "data_dir": data_dir,
               "split": split, "tokenizer": tok_path, **metrics, "time_s": time.time() - t_start, "settings": settings}
     write_json_atomic(out_path, result)
-    print(summary_table(metrics, f"eval of {result['checkpoint']} on {data_dir} {split}"))
+    print(summary_table(metrics, f"eval of {result['checkpoint']} on {data_dir} {split}", split))
     print(f"wrote {out_path}")
 
     if wandb_log:  # a logging service must never fail an evaluation

@@ -12,10 +12,16 @@ directory (params.json + consolidated.pth + tokenizer.model) or a Hugging Face L
 speculative=True is the self-speculative greedy decoding of the MTP paper (Gloeckle et al. 2024,
 sec. 3.2): heads 1..n-1 propose the next n-1 tokens, head 0 checks all of them in one forward,
 and every forward emits at least one token. The output is plain greedy decoding's, token for
-token; compare=True times plain greedy on the same prompts and checks that the outputs match.
+token; compare=True also decodes the prompts with plain greedy and checks that the outputs match.
+Timing comes after the outputs: a warm-up pass, then `repeats` timed passes of both; the speed-up
+printed is the median of the repeats with its min and max.
+
+Generation stops at the model's context (prompt + new tokens <= 2 * max_seq_len, its RoPE table):
+a longer max_new_tokens is clipped, with one note.
 """
 
 import os
+import statistics
 import sys
 import time
 
@@ -55,6 +61,17 @@ def find_file(path, *dirs):
             if d and os.path.exists(p):
                 return p
     return None
+
+
+def clip_to_context(model, prompt_len, max_new_tokens):
+    """max_new_tokens cut so that prompt + new tokens fit the positions of the model's RoPE table
+    (2 * max_seq_len, model._rope): generation past them has no positions to run at. A prompt that
+    leaves no room is a ValueError."""
+    context = model.rope.shape[0]
+    if prompt_len >= context:
+        raise ValueError(f"a prompt of {prompt_len} tokens leaves no room in the model's context of {context} "
+                         f"positions (2 * max_seq_len)")
+    return min(max_new_tokens, context - prompt_len)
 
 
 def resolve_dtype(name, device_type):
@@ -143,6 +160,45 @@ def speculative_generate(model, prompt_tokens, max_new_tokens, eos_id=None):
 def _sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+    elif str(device).startswith("mps"):
+        torch.mps.synchronize()
+
+
+def time_decoding(model, prompts, limits, eos_id=None, repeats=5, plain=True):
+    """Wall time of speculative (and plain greedy) decoding of all prompts, after one untimed pass
+    (lazy kernel and allocator set-up), `repeats` times: one timing of a few milliseconds on a
+    shared machine can say 15x in one run and 0.5x in the next, a median of repeats does not.
+    The two alternate which goes first, so a drift in machine load hits both alike.
+    prompts: token lists; limits: max_new_tokens of each prompt.
+    Returns {"repeats", "spec_s": [s per pass], "plain_s": [..] | None, "speedup": [plain/spec] | None,
+    "speedup_median", "speedup_min", "speedup_max" (None without plain)}."""
+    device = model.tok_embeddings.weight.device
+
+    def one_pass(kind):
+        _sync(device)
+        t0 = time.perf_counter()
+        for ids, limit in zip(prompts, limits):
+            if kind == "spec":
+                speculative_generate(model, ids, limit, eos_id)
+            else:
+                model.generate([ids], limit, temperature=0.0, eos_id=eos_id)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    kinds = ["spec", "plain"] if plain else ["spec"]
+    for kind in kinds:  # warm-up
+        one_pass(kind)
+    times = {kind: [] for kind in kinds}
+    for r in range(repeats):
+        for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+            times[kind].append(one_pass(kind))
+    t = {"repeats": repeats, "spec_s": times["spec"], "plain_s": times.get("plain"), "speedup": None,
+         "speedup_median": None, "speedup_min": None, "speedup_max": None}
+    if plain:
+        t["speedup"] = [p / max(s, 1e-9) for p, s in zip(times["plain"], times["spec"])]
+        t["speedup_median"] = statistics.median(t["speedup"])
+        t["speedup_min"], t["speedup_max"] = min(t["speedup"]), max(t["speedup"])
+    return t
 
 
 # -----------------------------------------------------------------------------
@@ -160,6 +216,7 @@ if __name__ == "__main__":
     dtype = "auto"  # auto (bfloat16 on a GPU with bf16, else float32) | float32 | bfloat16 | float16
     speculative = False  # self-speculative greedy decoding (heads 1..n-1 draft, head 0 verifies)
     compare = True  # with speculative: also run plain greedy, check equality and time both
+    repeats = 5  # with speculative: timed passes over the prompts after a warm-up (median and min-max reported)
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     # -----------------------------------------------------------------------------
 
@@ -194,33 +251,34 @@ if __name__ == "__main__":
     n = model.n_future_tokens
     print(f"model: {load_path} ({model.num_params() / 1e6:.2f}M params, {n} heads, {ptdtype}, {ctx.device}); "
           f"tokenizer: {tokenizer}")
+    encoded = [tok.encode(p, bos=True, eos=False) for p in prompts]
+    try:
+        limits = [clip_to_context(model, len(ids), max_new_tokens) for ids in encoded]  # new tokens per prompt
+        if repeats < 1:
+            raise ValueError(f"repeats={repeats}: need at least 1")
+    except ValueError as e:
+        fail(e)
+    if min(limits) < max_new_tokens:
+        print(f"note: max_new_tokens={max_new_tokens} clipped to fit the model's context: prompt + new tokens "
+              f"<= {model.rope.shape[0]} positions (2 * max_seq_len)")
 
     if not speculative:
         gen = torch.Generator(device=ctx.device).manual_seed(seed)
-        for prompt in prompts:
-            ids = tok.encode(prompt, bos=True, eos=False)
-            outs = model.generate([ids] * num_samples, max_new_tokens, temperature=temperature, top_k=top_k,
+        for prompt, ids, limit in zip(prompts, encoded, limits):
+            outs = model.generate([ids] * num_samples, limit, temperature=temperature, top_k=top_k,
                                   eos_id=tok.eos_id, generator=gen)
             for i, new in enumerate(outs):
                 print(f"---------- sample {i + 1}/{num_samples}")
                 print(prompt + tok.decode(new))
         sys.exit(0)
 
-    # speculative greedy, optionally against plain greedy on the same prompts
+    # speculative greedy, optionally against plain greedy on the same prompts: outputs first, then timing
     if n == 1:
         print("note: the model has one head, so there is nothing to draft with (1 token per forward)")
-    encoded = [tok.encode(p, bos=True, eos=False) for p in prompts]
-    speculative_generate(model, encoded[0], min(8, max_new_tokens), tok.eos_id)  # warm-up (allocator, kernels)
-    if compare:
-        model.generate([encoded[0]], min(8, max_new_tokens), eos_id=tok.eos_id)
-    totals = {"forwards": 0, "tokens": 0, "spec_s": 0.0, "plain_s": 0.0, "same": 0}
+    totals = {"forwards": 0, "tokens": 0, "same": 0}
     hist = [0] * n
-    for prompt, ids in zip(prompts, encoded):
-        _sync(ctx.device)
-        t0 = time.perf_counter()
-        new, st = speculative_generate(model, ids, max_new_tokens, tok.eos_id)
-        _sync(ctx.device)
-        totals["spec_s"] += time.perf_counter() - t0
+    for prompt, ids, limit in zip(prompts, encoded, limits):
+        new, st = speculative_generate(model, ids, limit, tok.eos_id)
         totals["forwards"] += st["forwards"]
         totals["tokens"] += st["tokens"]
         hist = [a + b for a, b in zip(hist, st["accepted_hist"])]
@@ -228,11 +286,7 @@ if __name__ == "__main__":
         print(prompt + tok.decode(new))
         line = f"[{st['tokens']} tokens in {st['forwards']} forwards: {st['mean_accepted']:.2f} tokens/forward]"
         if compare:
-            _sync(ctx.device)
-            t0 = time.perf_counter()
-            plain = model.generate([ids], max_new_tokens, temperature=0.0, eos_id=tok.eos_id)[0]
-            _sync(ctx.device)
-            totals["plain_s"] += time.perf_counter() - t0
+            plain = model.generate([ids], limit, temperature=0.0, eos_id=tok.eos_id)[0]
             totals["same"] += plain == new
             line += " identical to plain greedy" if plain == new else " DIFFERS from plain greedy"
             if plain != new:
@@ -243,12 +297,17 @@ if __name__ == "__main__":
     print("==========")
     mean_acc = totals["tokens"] / max(totals["forwards"], 1)
     print(f"speculative: {totals['tokens']} tokens, {totals['forwards']} forwards, mean accepted "
-          f"{mean_acc:.3f} tokens/forward, drafts accepted per forward (0..{n - 1}): {hist}, "
-          f"{totals['spec_s']:.3f} s")
-    if compare:
-        speedup = totals["plain_s"] / max(totals["spec_s"], 1e-9)
-        print(f"plain greedy: {totals['plain_s']:.3f} s; speed-up {speedup:.2f}x on {ctx.device} ({ptdtype}); "
-              f"identical outputs: {totals['same']}/{len(prompts)}")
+          f"{mean_acc:.3f} tokens/forward, drafts accepted per forward (0..{n - 1}): {hist}")
+    t = time_decoding(model, encoded, limits, tok.eos_id, repeats, plain=compare)
+    spec_s = statistics.median(t["spec_s"])
+    if not compare:
+        print(f"time: speculative {spec_s:.3f} s per pass over the prompts (median of {repeats} after a warm-up, "
+              f"min {min(t['spec_s']):.3f}, max {max(t['spec_s']):.3f}) on {ctx.device} ({ptdtype})")
+    else:
+        print(f"time: speculative {spec_s:.3f} s, plain greedy {statistics.median(t['plain_s']):.3f} s per pass "
+              f"over the prompts (medians of {repeats} after a warm-up) on {ctx.device} ({ptdtype})")
+        print(f"speed-up {t['speedup_median']:.2f}x (median of {repeats} repeats; min {t['speedup_min']:.2f}x, "
+              f"max {t['speedup_max']:.2f}x); identical outputs: {totals['same']}/{len(prompts)}")
         if totals["same"] != len(prompts):
             print("warning: speculative and plain greedy differ (near-tied logits in low precision? "
                   "try --dtype=float32)")

@@ -1,6 +1,7 @@
-"""bench.py as a real process: a micro config prints a well-formed table and JSON whose numbers
-agree with each other, and the sequential head backward needs less peak memory than the naive
-one where the logits dominate (measured by bench.py's own CPU peak-memory method)."""
+"""bench.py as a real process: a micro config prints a well-formed table and writes a JSON report
+(to its file only) whose numbers agree with each other, after an untimed warm-up run; the
+profiler's USDT lines stay off the screen; and the sequential head backward needs less peak memory
+than the naive one where the logits dominate (measured by bench.py's own CPU peak-memory method)."""
 
 import json
 import os
@@ -24,10 +25,12 @@ def bench(args, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, f"exit {p.returncode}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-3000:]}"
     lines = p.stdout.strip().splitlines()
-    printed = json.loads(lines[-1])  # the last line is the JSON report
+    assert lines[-1] == f"wrote {out}"  # the JSON goes to its file, only its path to the screen
+    assert not [line for line in lines if line.startswith("{")]
+    assert "USDT" not in p.stdout + p.stderr  # the CPU profiler's (kineto's) start/stop lines
     with open(out) as f:
-        assert json.load(f) == printed
-    return printed, lines
+        report = json.load(f)
+    return report, lines
 
 
 def flops_per_token(d, L, n, V, S, ffn, n_outputs, extra_ref=False):
@@ -42,6 +45,7 @@ def flops_per_token(d, L, n, V, S, ffn, n_outputs, extra_ref=False):
 def test_micro_table_and_json_are_consistent(tmp_path):
     variants = ["base", "naive", "ce16", "n1", "hf", "compile", "verifiable", "rho1+uncached", "V500", "V500+pad64"]
     report, lines = bench([f"--variants={variants!r}", "--warmup=1", "--iters=2"], tmp_path)
+    assert lines.index("warm-up: base, untimed (the process's one-time costs) ...") < lines.index("running base ...")
     results = {r["name"]: r for r in report["results"]}
     assert [r["name"] for r in report["results"]] == variants
     assert report["baseline_variant"] == "base" and report["device_type"] == "cpu" and report["peak_flops"] is None
@@ -52,6 +56,7 @@ def test_micro_table_and_json_are_consistent(tmp_path):
     tokens = 4 * 64  # default batch_size * seq_len
     for r in ok:
         assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["mfu"] is None
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] and r["step_cpu_ms"] > 0  # medians of 2 steps
         assert abs(r["tokens_per_s"] * r["step_ms"] / 1e3 - tokens) < 1e-6 * tokens
         assert abs(r["ratios"]["step_time"] - r["step_ms"] / base["step_ms"]) < 1e-9
         assert abs(r["ratios"]["tokens_per_s"] * r["ratios"]["step_time"] - 1) < 1e-9
@@ -89,8 +94,9 @@ def test_micro_table_and_json_are_consistent(tmp_path):
 def test_sequential_backward_peak_memory_below_naive(tmp_path):
     # vocab 32000, dim 32, 4 heads, B*S = 512 tokens: each head's fp32 logits are 66 MB, the weights
     # and AdamW state 25 MB. Naive keeps all 4 heads' log-softmax outputs for one backward; sequential one.
-    report, _ = bench(["--vocab_size=32000", "--dim=32", "--n_heads=2", "--batch_size=2", "--seq_len=256",
-                       "--variants=['seq','naive']", "--warmup=0", "--iters=1"], tmp_path)
+    report, lines = bench(["--vocab_size=32000", "--dim=32", "--n_heads=2", "--batch_size=2", "--seq_len=256",
+                           "--variants=['seq','naive']", "--warmup=0", "--iters=1", "--process_warmup=False"], tmp_path)
+    assert not [line for line in lines if line.startswith("warm-up")]
     seq, naive = report["results"]
     assert seq["status"] == naive["status"] == "ok"
     logits_bytes = 2 * 256 * 32000 * 4

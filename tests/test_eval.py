@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval import check_vocab, evaluate, pass_at_k
+from eval import check_vocab, evaluate, pass_at_k, summary_table
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 from weighting import auc
@@ -195,6 +195,39 @@ def test_evaluate_numbers(arith_dir):
     assert m2["counts"]["val_rows"] == 2 * n_cand
 
 
+def test_evaluate_clips_generation_to_the_context(arith_dir):
+    """max_new_tokens past the model's context (2 * max_seq_len positions): every prompt generates up
+    to the same clipped limit (the longest prompt's room), with one note, instead of a crash."""
+    tok = Tokenizer(os.path.join(arith_dir, "tokenizer.model"))
+    prompts = [tok.encode(r["prompt"], bos=True, eos=False) for r in read_rows(arith_dir, "test")]
+    longest = max(map(len, prompts))
+    args = dataclasses.replace(micro_args(tok.n_words), max_seq_len=longest)  # room for `longest` new tokens
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    limits = []
+    generate = model.generate
+    model.generate = lambda chunk, limit, **kw: limits.append(limit) or generate(chunk, limit, **kw)
+    m = evaluate(model, tok, arith_dir, "test", n_problems=3, batch_size=2, max_new_tokens=10_000, num_samples=2,
+                 pass_k=[1], log_interval=0)
+    assert set(limits) == {longest} and len(limits) == 2 + 3  # greedy: 2 batches, sampled: 3
+    notes = [n for n in m["notes"] if "clipped" in n]
+    assert notes == [f"max_new_tokens=10000 clipped to {longest}: the longest prompt ({longest} tokens) + new tokens "
+                     f"must fit the model's context of {2 * longest} positions (2 * max_seq_len)"]
+    assert m["counts"]["greedy_hit_max_new_tokens"] <= 3 and m["counts"]["samples"] == 6
+
+
+def test_summary_table_labels():
+    """pass@1 sampled once (pass@k's k=1 is the same number), the losses named by the evaluated split."""
+    m = {"pass@1_greedy": 0.5, "pass@1_sampled": 0.25, "pass@k": {"1": 0.25, "4": 0.75}, "val_loss": 1.5,
+         "val_head_loss": [1.0, 2.0], "val_head_acc": [0.5, 0.25], "value_acc": None, "value_auc": None,
+         "notes": ["a note"], "counts": {"problems": 4, "greedy_correct": 2, "samples": 16, "sampled_correct": 4}}
+    text = summary_table(m, "title", split="test")
+    labels = [line[:28].strip() for line in text.splitlines()[2:]]
+    assert labels == ["pass@1 greedy", "pass@1 sampled", "pass@4 sampled", "test loss (mean of heads)",
+                      "test loss per head", "test top-1 acc per head", "note: a note"]
+    assert "val loss" not in text and "val top-1" not in text and "pass@1 sampled".ljust(28) + " 0.2500  (4/16)" in text
+
+
 def run_eval(*args, timeout=120):
     return subprocess.run([sys.executable, "eval.py", *args, "--device=cpu"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
@@ -210,6 +243,7 @@ def test_eval_script_writes_eval_json(arith_dir, tmp_path):
                  "--pass_k=[1,2,4,8]", "--max_new_tokens=24", "--batch_size=4", "--log_interval=1")
     assert r.returncode == 0, r.stderr
     assert "eval greedy: batch 1/1" in r.stderr and "pass@1 greedy" in r.stdout
+    assert r.stdout.count("pass@1 sampled") == 1 and "test loss (mean of heads)" in r.stdout
     with open(run_dir / "eval.json") as f:  # default: next to the checkpoint
         e = json.load(f)
     assert e["checkpoint"] == str(run_dir / "best.pt") and e["stage"] == "critic" and e["iter"] == 7
@@ -242,6 +276,13 @@ def test_eval_script_errors(arith_dir, tmp_path):
 
     r = run_eval(f"--init_from={tmp_path / 'missing'}", f"--data_dir={arith_dir}")
     assert r.returncode == 2 and r.stderr.startswith("eval.py: error:") and "missing" in r.stderr
+
+    # prompts longer than the model's whole context (2 * 4 positions): nothing to clip to
+    short = Transformer(dataclasses.replace(micro_args(tok.n_words), max_seq_len=4))
+    save_checkpoint(str(tmp_path / "short.pt"), short, arith_dir)
+    r = run_eval(f"--init_from={tmp_path / 'short.pt'}", f"--data_dir={arith_dir}", "--n_problems=2")
+    assert r.returncode == 2 and r.stderr.startswith("eval.py: error:") and len(r.stderr.strip().splitlines()) == 1
+    assert "no room in the model's context of 8 positions" in r.stderr
 
     # a checkpoint trained on another dataset's vocabulary (its model would hold our ids)
     from data.loader import load_meta

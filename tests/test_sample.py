@@ -1,9 +1,12 @@
 """Self-speculative decoding (sample.speculative_generate) against plain greedy decoding
 (model.generate): token-for-token equal on random-weight micro models and on a micro model
-trained until its heads agree (where drafts must actually be accepted), eos included."""
+trained until its heads agree (where drafts must actually be accepted), eos included. sample.py
+clips generation to the model's context and reports the speed-up as a median of repeats."""
 
 import dataclasses
 import os
+import re
+import statistics
 import subprocess
 import sys
 
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 from model import ModelArgs, Transformer
-from sample import speculative_generate
+from sample import clip_to_context, speculative_generate, time_decoding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest on a busy 2-core box
@@ -106,21 +109,79 @@ def test_speculative_accepts_drafts_on_a_trained_model(trained_model):
         assert st["forwards"] <= 2
 
 
-def test_sample_script_speculative_compare(tmp_path):
-    """sample.py --speculative=True runs end to end and reports identical outputs and the stats."""
-    sys.path.insert(0, ROOT)
-    from tokenizer import train_sentencepiece
+def test_clip_to_context():
+    model = micro_model(4)  # max_seq_len 64: a RoPE table of 128 positions
+    assert model.rope.shape[0] == 128
+    assert clip_to_context(model, 10, 5) == 5
+    assert clip_to_context(model, 10, 500) == 118
+    assert clip_to_context(model, 127, 500) == 1
+    with pytest.raises(ValueError, match="no room in the model's context of 128 positions"):
+        clip_to_context(model, 128, 1)
+    p = prompts(model.args.vocab_size)[4]
+    assert len(model.generate([p], clip_to_context(model, len(p), 500))[0]) == 128 - len(p)  # fits exactly
+
+
+def test_time_decoding_reports_median_and_spread():
+    """The numbers' structure, not their values: one entry per repeat, speed-up = plain / speculative
+    per repeat, and the median between the min and the max."""
+    model = micro_model(4)
+    ps = prompts(model.args.vocab_size, n=2)
+    t = time_decoding(model, ps, [6, 6], repeats=3)
+    assert t["repeats"] == 3 and len(t["spec_s"]) == len(t["plain_s"]) == len(t["speedup"]) == 3
+    assert all(x > 0 for x in t["spec_s"] + t["plain_s"])
+    assert t["speedup"] == [p / s for p, s in zip(t["plain_s"], t["spec_s"])]
+    assert t["speedup_median"] == statistics.median(t["speedup"])
+    assert t["speedup_min"] == min(t["speedup"]) <= t["speedup_median"] <= t["speedup_max"] == max(t["speedup"])
+    alone = time_decoding(model, ps, [6, 6], repeats=2, plain=False)
+    assert len(alone["spec_s"]) == 2 and alone["plain_s"] is None and alone["speedup_median"] is None
+
+
+def save_micro_checkpoint(tmp_path):
+    """A micro 4-head checkpoint (max_seq_len 64: 128 positions) with its own sentencepiece tokenizer."""
+    from tokenizer import Tokenizer, train_sentencepiece
     tok_path = train_sentencepiece(["3 7 4 9 12 5 8\n"] * 20, str(tmp_path / "tok"), vocab_size=280)
-    from tokenizer import Tokenizer
     n_words = Tokenizer(tok_path).n_words
     model = micro_model(4, vocab_size=n_words)
-    args = model.args
-    ckpt = {"model": model.state_dict(), "model_args": dataclasses.asdict(args), "stage": "baseline",
+    ckpt = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.args), "stage": "baseline",
             "optimizer": None, "iter": 0, "epoch": 0, "sampler_pos": 0, "rng": [], "best_val_loss": 0.0,
             "config": {}, "data": {"dir": str(tmp_path), "vocab_size": n_words, "tokenizer": tok_path}}
     torch.save(ckpt, tmp_path / "final.pt")
-    r = subprocess.run([sys.executable, "sample.py", f"--init_from={tmp_path}", "--speculative=True",
-                        "--max_new_tokens=20", "--device=cpu", "--start=3 7 4"], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=120)
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, "sample.py", *args, "--device=cpu"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_sample_script_speculative_compare(tmp_path):
+    """sample.py --speculative=True runs end to end, reports identical outputs, the stats and the
+    speed-up as a median of the repeats with its min and max."""
+    save_micro_checkpoint(tmp_path)
+    r = run_sample(f"--init_from={tmp_path}", "--speculative=True", "--max_new_tokens=20", "--start=3 7 4",
+                   "--repeats=3")
     assert r.returncode == 0, r.stderr
-    assert "identical outputs: 1/1" in r.stdout and "speed-up" in r.stdout and "tokens/forward" in r.stdout
+    assert "identical outputs: 1/1" in r.stdout and "tokens/forward" in r.stdout and "clipped" not in r.stdout
+    m = re.search(r"speed-up (\d+\.\d\d)x \(median of 3 repeats; min (\d+\.\d\d)x, max (\d+\.\d\d)x\)", r.stdout)
+    assert m, r.stdout
+    median, lo, hi = map(float, m.groups())
+    assert lo <= median <= hi
+    assert re.search(r"time: speculative \d+\.\d+ s, plain greedy \d+\.\d+ s per pass", r.stdout)
+
+
+def test_sample_script_clips_to_the_context(tmp_path):
+    """max_new_tokens past the model's 128 positions: generation stops there, with one note for all
+    prompts, plain sampling and speculative decoding alike."""
+    save_micro_checkpoint(tmp_path)
+    (tmp_path / "prompts.txt").write_text("3 7 4\n9 12 5 8 3 7 4\n")
+    r = run_sample(f"--init_from={tmp_path}", f"--start=FILE:{tmp_path / 'prompts.txt'}", "--max_new_tokens=1000",
+                   "--num_samples=2", "--temperature=1.0")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stdout.splitlines() if "clipped" in line]
+    assert notes == ["note: max_new_tokens=1000 clipped to fit the model's context: prompt + new tokens <= 128 "
+                     "positions (2 * max_seq_len)"]
+    assert r.stdout.count("---------- sample") == 4
+    r = run_sample(f"--init_from={tmp_path}", "--start=3 7 4", "--max_new_tokens=1000", "--speculative=True",
+                   "--repeats=1")
+    assert r.returncode == 0, r.stderr
+    assert sum("clipped" in line for line in r.stdout.splitlines()) == 1
+    assert "identical outputs: 1/1" in r.stdout
