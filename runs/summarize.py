@@ -25,6 +25,9 @@ import sys
 
 import numpy as np
 
+if __name__ == "__main__":  # run as a script: make the repo root importable (runs.plot)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 RUNS = [  # (directory, what it is)
     ("base", "base model (all solutions, from scratch)"),
     ("reference", "oracle model: base + correct-only fine-tuning (Rho-1's reference)"),
