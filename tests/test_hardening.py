@@ -232,7 +232,8 @@ def test_scripts_run_from_another_directory(arith_dir, tmp_path):
         "sample": [f"--init_from={ckpt}", "--device=cpu", "--num_samples=1", "--max_new_tokens=4"],
         "export": [f"--init_from={ckpt}", f"--out_dir={tmp_path / 'export'}", "--dtype=float32"],
         "bench": ["--device=cpu", "--variants=['base']", "--warmup=1", "--iters=1", "--dim=32", "--n_layers=3",
-                  "--n_heads=2", "--n_future_tokens=2", "--vocab_size=64", "--seq_len=16"],
+                  "--n_heads=2", "--n_future_tokens=2", "--vocab_size=64", "--seq_len=16",
+                  f"--json_out={tmp_path / 'bench.json'}"],
     }
     procs = {name: subprocess.Popen([PY, os.path.join(ROOT, f"{name}.py"), *args], cwd=elsewhere, env=ENV,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -243,7 +244,7 @@ def test_scripts_run_from_another_directory(arith_dir, tmp_path):
     assert json.load(open(tmp_path / "eval.json"))["counts"]["problems"] == 2
     assert "---------- sample 1/1" in results["sample"][1]
     assert sorted(os.listdir(tmp_path / "export")) == ["consolidated.pth", "params.json", "tokenizer.model"]
-    assert "tokens/s" in results["bench"][1]
+    assert "tokens/s" in results["bench"][1] and os.path.isfile(tmp_path / "bench.json")
     assert os.listdir(elsewhere) == []
 
 

@@ -39,7 +39,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.format import Progress, fail, parse_options, print_summary, write_dataset  # noqa: E402
+from data.format import Progress, fail, iter_jsonl, parse_options, print_summary, write_dataset  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 DEFAULTS = {
@@ -91,15 +91,7 @@ def read_rows(path):
                 yield f"{path} row {i}", row
                 i += 1
     elif path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                yield f"{path}:{lineno}", row
+        yield from iter_jsonl(path)
     else:
         raise ValueError(f"{path}: expected a .parquet or .jsonl file")
 

