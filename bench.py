@@ -73,14 +73,14 @@ from weighting import build_weights, compute_td_errors, n_selected, select_top_k
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value); defaults: a micro model, seconds on a CPU
 # model
-dim = 64
+dim = 64  # model width
 n_layers = 5  # total blocks: trunk (n_layers - n_future_tokens) + n_future_tokens heads
-n_heads = 4
+n_heads = 4  # attention heads
 n_kv_heads: int | None = None  # None: = n_heads
-vocab_size = 512
-multiple_of = 32
-ffn_dim_multiplier: float | None = None
-n_future_tokens = 4
+vocab_size = 512  # vocabulary rows of the embedding and output
+multiple_of = 32  # FFN hidden size rounded up to a multiple of this
+ffn_dim_multiplier: float | None = None  # FFN hidden size multiplier (LLaMA-2's)
+n_future_tokens = 4  # heads (n)
 pad_vocab_multiple = 1  # embedding/output rows padded to a multiple of this (padded logits masked)
 # workload
 batch_size = 4  # sequences per step
@@ -95,10 +95,10 @@ ce_chunk_size = 0  # 0: plain CE over (B, S, V) logits; N: chunked CE over N tok
 compile = False  # torch.compile each TransformerBlock
 compile_on_cpu = False  # also try the 'compile' variants on a CPU (slow to build)
 # optimizer (as train_*.py: AdamW, fused on CUDA, grad clipping)
-learning_rate = 1e-5
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
+learning_rate = 1e-5  # AdamW learning rate (small: the step is timed, not trained)
+weight_decay = 0.1  # AdamW weight decay
+beta1 = 0.9  # AdamW betas
+beta2 = 0.95  # AdamW betas
 grad_clip = 1.0  # 0: no clipping
 step_sync = False  # read the grad norm's isfiniteness on the host every step, as ddp_utils.optimizer_step does
 # system
@@ -106,12 +106,12 @@ device = "auto"  # 'auto' | 'cuda' | 'cuda:N' | 'mps' | 'cpu'
 dtype = ""  # '' = 'bfloat16' on CUDA (if supported), else 'float32'; bf16 runs under autocast
 tf32 = True  # CUDA: TF32 matmuls for float32 (MFU then uses the TF32 peak)
 threads = 0  # torch.set_num_threads (0: torch's default); 1 gives steadier numbers on a busy CPU
-seed = 1337
+seed = 1337  # weights and batches
 # benchmark
 warmup = 2  # untimed steps per variant (compilation happens here)
 iters = 5  # timed steps per variant
 process_warmup = True  # one untimed run of the baseline variant before any timed one (the process's one-time costs)
-variants = ["base", "naive", "ce32", "n1", "hf", "compile"]
+variants = ["base", "naive", "ce32", "n1", "hf", "compile"]  # the variants to time, side by side (see the table above)
 baseline_variant = ""  # ratios are against this variant ('' = the first one)
 time_budget_s = 0.0  # 0: no limit; otherwise variants that would start after this many seconds are skipped
 json_out = "out/bench.json"  # the JSON report, rewritten after every variant ('' = none); not printed

@@ -14,7 +14,7 @@ those globals, left to right:
   (imports and functions are ignored).
 - `--key=value`: split on the first '=' (so `--s3_uri=s3://b/p?x=1` works); the value is
   parsed with ast.literal_eval, falling back to the raw string.
-- `--help`: print the settings, their defaults and types, exit 0.
+- `--help`: print the settings, their defaults, types and the comments the script gives them, exit 0.
 
 Every setting has a type: the type of its default, or its annotation in the script, which a
 setting that defaults to None must have (`max_iters: int | None = None`; an annotation also
@@ -38,12 +38,12 @@ class ConfigError(Exception):
     """A bad command line or config file; the message is one line."""
 
 
-def apply_overrides(config, argv, verbose=False, types=None):
+def apply_overrides(config, argv, verbose=False, types=None, comments=None):
     """
     Apply argv (config files and --key=value, in order) to a copy of `config` ({name: default})
     and return it. types: {name: tuple of allowed types} for annotated settings (others take
-    their default's type). Raises ConfigError on any problem; `--help` prints the settings and
-    exits 0.
+    their default's type). Raises ConfigError on any problem; `--help` prints the settings (with
+    `comments`, {name: text}, beside them) and exits 0.
     """
     import sys
     types = {k: tuple(types[k]) if k in (types or {}) else (type(v),) for k, v in config.items()}
@@ -56,7 +56,8 @@ def apply_overrides(config, argv, verbose=False, types=None):
         if arg in ("-h", "--help"):
             print("settings (override with --key=value or a config file):")
             for key in sorted(config):
-                print(f"  --{key}={config[key]!r}  ({_type_names(types[key])})")
+                comment = (comments or {}).get(key)
+                print(f"  --{key}={config[key]!r}  ({_type_names(types[key])})" + (f"  {comment}" if comment else ""))
             sys.exit(0)
         if arg.startswith("--"):
             if "=" not in arg:
@@ -105,6 +106,37 @@ def declared_types(path):
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             types[node.target.id] = tuple(flatten(node.annotation))
     return types
+
+
+def declared_comments(path):
+    """{name: its comment} for the settings of the script at `path`: the comment after a module-level
+    assignment (also inside `if __name__ == "__main__":`), plus the comment lines right below it
+    that continue it (`#   ...`). What --help shows beside each setting."""
+    import ast
+    import io
+    import tokenize
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    comments = {}  # line number -> comment text
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    lines = source.splitlines()
+    out, body = {}, list(ast.parse(source, path).body)
+    while body:
+        node = body.pop(0)
+        if isinstance(node, ast.If):
+            body[:0] = node.body + node.orelse
+            continue
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if len(targets) != 1 or not isinstance(targets[0], ast.Name) or node.end_lineno not in comments:
+            continue
+        text, line = [comments[node.end_lineno]], node.end_lineno + 1
+        while line <= len(lines) and lines[line - 1].strip().startswith("#   "):
+            text.append(comments[line])
+            line += 1
+        out[targets[0].id] = " ".join(text)
+    return out
 
 
 def _type_names(types):
@@ -179,16 +211,20 @@ if __name__ != "configurator":  # exec'd by a training script: override its glob
         import os
         import sys
         kinds = (bool, int, float, str, type(None), list, tuple, dict)
-        config = {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, kinds)}
+        config = {k: v for k, v in g.items()  # settings: lower-case globals (not _private, not CONSTANTS)
+                  if not k.startswith("_") and not k.isupper() and isinstance(v, kinds)}
         try:
             script = g.get("__file__")
-            types = declared_types(script) if script and os.path.isfile(script) else {}
+            readable = script and os.path.isfile(script)
+            types = declared_types(script) if readable else {}
+            comments = declared_comments(script) if readable and {"-h", "--help"} & set(sys.argv[1:]) else {}
             g.update(apply_overrides(config, sys.argv[1:], verbose=os.environ.get("RANK", "0") == "0",
-                                     types={k: t for k, t in types.items() if k in config}))
+                                     types={k: t for k, t in types.items() if k in config}, comments=comments))
         except ConfigError as e:  # data.format.fail's format; this file stays standalone (no repo imports)
             prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "configurator"
             print(f"{prog}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
             sys.exit(2)
     _configure(globals())
-    del _configure, ConfigError, apply_overrides, declared_types, _type_names, _unknown_key, _parse_value
+    del _configure, ConfigError, apply_overrides, declared_types, declared_comments, _type_names, _unknown_key
+    del _parse_value
     del _check_type, _run_config_file

@@ -444,7 +444,7 @@ if __name__ == "__main__":
     timeout = 3.0  # code verifier: seconds per program (stdio problems with a time limit use theirs)
     log_interval = 10  # a progress line on stderr every this many batches (0 = quiet)
     wandb_log = False  # also send the numbers to wandb (WANDB_MODE=offline works)
-    wandb_project = "wmtp"
+    wandb_project = "wmtp"  # wandb project
     wandb_run_name = ""  # "" = eval-<run dir name>
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     settings = {k: v for k, v in globals().items() if not k.startswith("_")

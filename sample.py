@@ -211,7 +211,7 @@ if __name__ == "__main__":
     max_new_tokens = 128  # new tokens per sample
     temperature = 0.8  # 0 = greedy; ignored by speculative (always greedy)
     top_k: int | None = 200  # keep the top_k logits (None = all)
-    seed = 1337
+    seed = 1337  # the sampling generator's seed
     device = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype = "auto"  # auto (bfloat16 on a GPU with bf16, else float32) | float32 | bfloat16 | float16
     speculative = False  # self-speculative greedy decoding (heads 1..n-1 draft, head 0 verifies)

@@ -32,42 +32,42 @@ from weighting import shift_to_heads
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value)
 # I/O
-out_dir = "out/baseline"
+out_dir = "out/baseline"  # checkpoints (ckpt.pt, best.pt, final.pt) and metrics.jsonl go here
 init_from = "scratch"  # 'scratch' | 'resume' | 's3://bucket/prefix' | Meta or HF dir | checkpoint file or run dir
 eval_interval = 100  # iterations between validations (and checkpoints)
 log_interval = 10  # iterations between log lines
 eval_only = False  # evaluate init_from once, log, exit
 # data
-data_dir = "data/arith"
+data_dir = "data/arith"  # a prepared dataset (data/*/prepare.py)
 n_samples: int | None = None  # use at most this many training rows (None: all)
 balance_correct = False  # sample correct/incorrect rows at correct_ratio
 correct_ratio = 0.5  # fraction of correct rows when balance_correct (1.0: correct only)
 max_length = 256  # tokens per row; longer rows are cut or dropped (see overflow)
 overflow = "truncate"  # 'truncate' (cut the completion) | 'drop'
 # model (init_from='scratch' only; otherwise the checkpoint's, except n_future_tokens below)
-dim = 128
+dim = 128  # model width
 n_layers = 5  # trunk + heads: layers[:-1] is the trunk, then n_future_tokens head blocks
-n_heads = 4
+n_heads = 4  # attention heads
 n_kv_heads: int | None = None  # None: = n_heads
-multiple_of = 32
-ffn_dim_multiplier: float | None = None
-norm_eps = 1e-5
-rope_theta = 10000.0
+multiple_of = 32  # FFN hidden size rounded up to a multiple of this
+ffn_dim_multiplier: float | None = None  # FFN hidden size multiplier (LLaMA-2's)
+norm_eps = 1e-5  # RMSNorm epsilon
+rope_theta = 10000.0  # RoPE base
 n_future_tokens = 4  # heads; also given to a one-head init_from (an HF LLaMA): copies of its last block
-max_seq_len = 256
+max_seq_len = 256  # RoPE table covers 2 * max_seq_len positions
 # training
 trainable = "all"  # 'all' | 'heads' (trunk frozen)
 batch_size = 32  # sequences per micro-step per rank
 gradient_accumulation_steps = 1  # micro-steps per optimizer step
 n_epochs = 1  # used when max_iters is None
 max_iters: int | None = None  # optimizer steps (None: n_epochs over the training set)
-learning_rate = 1e-3
-min_lr = 1e-4
-warmup_iters = 20
+learning_rate = 1e-3  # peak learning rate, after the linear warm-up
+min_lr = 1e-4  # the cosine decay ends here (at lr_decay_iters)
+warmup_iters = 20  # linear warm-up steps
 lr_decay_iters: int | None = None  # None: max_iters
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
+weight_decay = 0.1  # AdamW weight decay on matrices (not norms or biases)
+beta1 = 0.9  # AdamW betas
+beta2 = 0.95  # AdamW betas
 grad_clip = 1.0  # 0: no clipping (the norm is still computed to catch non-finite gradients)
 naive_backward = False  # True: backprop all heads at once (comparison); False: the sequential head backward
 ce_chunk_size = 0  # tokens per cross-entropy chunk (0: plain logits); e.g. 4096 for a 32k vocab
@@ -79,15 +79,14 @@ compile = False  # torch.compile the transformer blocks
 pad_vocab_multiple = 64 if torch.cuda.is_available() else 1  # embedding/output rows padded for GPU matmuls;
 #   padded ids are masked, export.py drops them; a resumed run keeps its checkpoint's layout
 fsdp = False  # FSDP2: shard every transformer block over the ranks (torchrun only; README 'FSDP')
-seed = 1337
-wandb_log = False
-wandb_project = "wmtp"
-wandb_run_name = "baseline"
+seed = 1337  # data order, initialisation, sampling (rank r uses seed + r)
+wandb_log = False  # also log to wandb (WANDB_MODE=offline works)
+wandb_project = "wmtp"  # wandb project
+wandb_run_name = "baseline"  # wandb run name
 s3_uri: str | None = None  # 's3://bucket/prefix': rank 0 uploads checkpoints in the background
 s3_keep = 3  # newest checkpoints kept on S3 (plus the best)
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-config = {k: globals()[k] for k in config_keys}  # the settings as given; saved in checkpoints and logs
+config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
 # -----------------------------------------------------------------------------
 
 try:

@@ -31,49 +31,48 @@ from weighting import on_track, value_loss, value_mask
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value)
 # I/O
-out_dir = "out/critic"
+out_dir = "out/critic"  # checkpoints and metrics.jsonl go here
 init_from = "out/base"  # the policy whose trunk the critic reads: run dir, checkpoint, Meta/HF dir, 'resume', s3://
 eval_interval = 100  # iterations between validations (and checkpoints)
-log_interval = 10
+log_interval = 10  # iterations between log lines
 eval_only = False  # evaluate init_from once, log, exit
 # data
-data_dir = "data/arith"
+data_dir = "data/arith"  # a prepared dataset (data/*/prepare.py)
 n_samples: int | None = None  # use at most this many training rows (None: all)
 balance_correct = True  # a critic needs both labels: sample them at correct_ratio
-correct_ratio = 0.5
-max_length = 256
+correct_ratio = 0.5  # fraction of correct rows when balance_correct (1.0: correct only)
+max_length = 256  # tokens per row; longer rows are cut or dropped (see overflow)
 overflow = "truncate"  # 'truncate' | 'drop'
 value_target = "reward"  # 'reward' (R at every position) | 'prefix' (1 before the first wrong step, 0 from it on)
 # training
 trainable = "value_head"  # 'value_head' (trunk frozen, as the stage is defined) | 'all'
-batch_size = 32
-gradient_accumulation_steps = 1
-n_epochs = 1
+batch_size = 32  # sequences per micro-step per rank
+gradient_accumulation_steps = 1  # micro-steps per optimizer step
+n_epochs = 1  # used when max_iters is None
 max_iters: int | None = None  # None: n_epochs over the training set
-learning_rate = 1e-3
-min_lr = 1e-4
-warmup_iters = 20
-lr_decay_iters: int | None = None
-weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
-max_bad_steps = 10
+learning_rate = 1e-3  # peak learning rate, after the linear warm-up
+min_lr = 1e-4  # the cosine decay ends here (at lr_decay_iters)
+warmup_iters = 20  # linear warm-up steps
+lr_decay_iters: int | None = None  # None: max_iters
+weight_decay = 0.0  # AdamW weight decay on matrices (not norms or biases)
+beta1 = 0.9  # AdamW betas
+beta2 = 0.95  # AdamW betas
+grad_clip = 1.0  # 0: no clipping (the norm is still computed to catch non-finite gradients)
+max_bad_steps = 10  # consecutive non-finite steps before the run stops
 # system
-device = "auto"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-compile = False
+device = "auto"  # 'auto' (cuda > mps > cpu) | 'cuda' | 'cuda:1' | 'mps' | 'cpu'
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # 'float32' | 'bfloat16'
+compile = False  # torch.compile the transformer blocks
 pad_vocab_multiple = 64 if torch.cuda.is_available() else 1  # vocab rows padded for GPU matmuls (padded ids masked)
 fsdp = False  # FSDP2 sharding of the blocks (see train_baseline.py)
-seed = 1337
-wandb_log = False
-wandb_project = "wmtp"
-wandb_run_name = "critic"
-s3_uri: str | None = None
-s3_keep = 3
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
+seed = 1337  # data order, initialisation, sampling (rank r uses seed + r)
+wandb_log = False  # also log to wandb (WANDB_MODE=offline works)
+wandb_project = "wmtp"  # wandb project
+wandb_run_name = "critic"  # wandb run name
+s3_uri: str | None = None  # 's3://bucket/prefix': rank 0 uploads checkpoints in the background
+s3_keep = 3  # newest checkpoints kept on S3 (plus the best)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-config = {k: globals()[k] for k in config_keys}  # the settings as given; saved in checkpoints and logs
+config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
 # -----------------------------------------------------------------------------
 
 try:
@@ -184,7 +183,8 @@ while state["iter"] < max_iters:
         log_steps, log_tokens, t_log = 0, 0, time.time()
 
     if state["iter"] % eval_interval == 0 or state["iter"] == max_iters:
-        metrics = {"iter": state["iter"], **evaluate_all_ranks(model, val_loader, ctx, autocast, heads=False, value=True, value_target=value_target)}
+        metrics = {"iter": state["iter"],
+                   **evaluate_all_ranks(model, val_loader, ctx, autocast, heads=False, value=True, value_target=value_target)}
         improved = tc.update_best(metrics, state)  # val/loss = value MSE here
         tc.report(logger, ctx, metrics)
         save_all_ranks(("ckpt.pt", "best.pt") if improved else ("ckpt.pt",))

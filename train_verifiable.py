@@ -34,26 +34,26 @@ from weighting import WEIGHT_MODES, on_track, shift_to_heads, stage2_weights, va
 # -----------------------------------------------------------------------------
 # settings (override with a config file and --key=value)
 # I/O
-out_dir = "out/verifiable"
+out_dir = "out/verifiable"  # checkpoints and metrics.jsonl go here
 init_from = "out/critic"  # a Stage 1 run (its value head is used); 'resume' | s3://
-eval_interval = 100
-log_interval = 10
-eval_only = False
+eval_interval = 100  # iterations between validations (and checkpoints)
+log_interval = 10  # iterations between log lines
+eval_only = False  # evaluate init_from once, log, exit
 # data
-data_dir = "data/arith"
-n_samples: int | None = None
-balance_correct = False
-correct_ratio = 0.5
-max_length = 256
-overflow = "truncate"
+data_dir = "data/arith"  # a prepared dataset (data/*/prepare.py)
+n_samples: int | None = None  # use at most this many training rows (None: all)
+balance_correct = False  # sample correct/incorrect rows at correct_ratio
+correct_ratio = 0.5  # fraction of correct rows when balance_correct (1.0: correct only)
+max_length = 256  # tokens per row; longer rows are cut or dropped (see overflow)
+overflow = "truncate"  # 'truncate' (cut the completion) | 'drop'
 # weighting
 weight_mode = "td"  # 'td' | 'uniform' | 'random' | 'shuffled' | 'oracle_prefix' | 'oracle_td' | 'reward'
 value_target = "reward"  # the value head's target: 'reward' (R at every position) | 'prefix' (a prefix critic:
 #   1 before the row's first wrong step, 0 from it on; needs step labels; use with train_critic's prefix)
 gamma = 1.0  # TD discount
 beta = 0.9  # temperature of exp(delta / beta)
-clip_min = 0.1
-clip_max = 5.0
+clip_min = 0.1  # weights clamped to [clip_min, clip_max] before normalisation
+clip_max = 5.0  # weights clamped to [clip_min, clip_max] before normalisation
 whiten = False  # whiten the TD errors over the population's completion tokens first
 normalize = True  # mean weight 1 over the population's completion tokens
 weight_scope = "step"  # the population of whiten/normalize (and of 'random'): 'step' (all micro-batches of
@@ -62,36 +62,35 @@ weight_scope = "step"  # the population of whiten/normalize (and of 'random'): '
 value_coef = 0.5  # weight of the value MSE in the total loss
 # training
 trainable = "all"  # 'all' | 'heads+value_head' (trunk frozen, the 7B setting)
-batch_size = 32
-gradient_accumulation_steps = 1
-n_epochs = 1
-max_iters: int | None = None
-learning_rate = 1e-3
-min_lr = 1e-4
-warmup_iters = 20
-lr_decay_iters: int | None = None
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
-naive_backward = False
-ce_chunk_size = 0
-max_bad_steps = 10
+batch_size = 32  # sequences per micro-step per rank
+gradient_accumulation_steps = 1  # micro-steps per optimizer step
+n_epochs = 1  # used when max_iters is None
+max_iters: int | None = None  # optimizer steps (None: n_epochs over the training set)
+learning_rate = 1e-3  # peak learning rate, after the linear warm-up
+min_lr = 1e-4  # the cosine decay ends here (at lr_decay_iters)
+warmup_iters = 20  # linear warm-up steps
+lr_decay_iters: int | None = None  # None: max_iters
+weight_decay = 0.1  # AdamW weight decay on matrices (not norms or biases)
+beta1 = 0.9  # AdamW betas
+beta2 = 0.95  # AdamW betas
+grad_clip = 1.0  # 0: no clipping (the norm is still computed to catch non-finite gradients)
+naive_backward = False  # True: backprop all heads at once (comparison); False: the sequential head backward
+ce_chunk_size = 0  # tokens per cross-entropy chunk (0: plain logits); e.g. 4096 for a 32k vocab
+max_bad_steps = 10  # consecutive non-finite steps before the run stops
 # system
-device = "auto"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-compile = False
+device = "auto"  # 'auto' (cuda > mps > cpu) | 'cuda' | 'cuda:1' | 'mps' | 'cpu'
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # 'float32' | 'bfloat16'
+compile = False  # torch.compile the transformer blocks
 pad_vocab_multiple = 64 if torch.cuda.is_available() else 1  # vocab rows padded for GPU matmuls (padded ids masked)
 fsdp = False  # FSDP2 sharding of the blocks (see train_baseline.py)
-seed = 1337
-wandb_log = False
-wandb_project = "wmtp"
-wandb_run_name = "verifiable"
-s3_uri: str | None = None
-s3_keep = 3
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
+seed = 1337  # data order, initialisation, sampling (rank r uses seed + r)
+wandb_log = False  # also log to wandb (WANDB_MODE=offline works)
+wandb_project = "wmtp"  # wandb project
+wandb_run_name = "verifiable"  # wandb run name
+s3_uri: str | None = None  # 's3://bucket/prefix': rank 0 uploads checkpoints in the background
+s3_keep = 3  # newest checkpoints kept on S3 (plus the best)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-config = {k: globals()[k] for k in config_keys}  # the settings as given; saved in checkpoints and logs
+config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
 # -----------------------------------------------------------------------------
 
 try:

@@ -22,6 +22,8 @@ s3_uri: str | None = None   # a None default needs a type
 max_length: int | None = None
 top_k: int | None = 200     # an annotation also lets a non-None default take None
 betas = (0.9, 0.95)         # tuple
+#   (a comment line that continues the one above)
+MODES = ('a', 'b')  # a constant, not a setting
 _names_before = set(globals())
 exec(open({str(CONFIGURATOR)!r}).read())
 _leaked = sorted(k for k in set(globals()) - _names_before - {{'_names_before'}} if not k.startswith('__'))
@@ -165,7 +167,12 @@ def test_help(run):
     p, result = run("--help")
     assert p.returncode == 0 and result is None
     assert "--learning_rate=0.0003  (float)" in p.stdout and "--s3_uri=None  (str | None)" in p.stdout
-    assert "--top_k=200  (int | None)" in p.stdout
+    assert "--top_k=200  (int | None)  an annotation also lets a non-None default take None" in p.stdout
+    assert "--batch_size=8  (int)  int\n" in p.stdout and "--max_length=None  (int | None)\n" in p.stdout  # none
+    assert "--betas=(0.9, 0.95)  (tuple)  tuple (a comment line that continues the one above)" in p.stdout
+    assert "MODES" not in p.stdout  # upper-case names are constants
+    p, _ = run("--MODES=('c',)")
+    check_error(p, "unknown config key 'MODES'")
 
 
 def test_apply_overrides_in_process(tmp_path):
