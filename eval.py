@@ -4,7 +4,8 @@ Evaluate any stage's checkpoint on held-out problems: generate, verify, report, 
     python eval.py --init_from=out/arith/seed1337/baseline                      # run dir: best.pt > final.pt > ckpt.pt
     python eval.py --init_from=out/arith/seed1337/rho1/final.pt --n_problems=200 --num_samples=16 --pass_k=[1,4,16]
     python eval.py --init_from=/models/7B_1T_4 --data_dir=data/codecontests --split=test --out=eval_meta.json
-    python eval.py --data_dir=data/humaneval --completions=samples.jsonl --results_out=results.jsonl   # no model
+    python eval.py --data_dir=data/humaneval --completions=samples.jsonl --results_out=results.jsonl   # your model's
+                                                                       # completions, no model needed
 
 Reports, for the problems of one split (one prompt per problem, from {split}.jsonl):
 - greedy pass@1: the fraction of problems whose greedy completion the dataset's verifier accepts;

@@ -2,6 +2,7 @@
 Sample from a trained model, or decode greedily with the MTP heads as their own draft model.
 
     python sample.py --init_from=out/arith/seed1337/baseline --start="Compute: 3 + 4 * (12 - 5)"
+    printf 'Compute: 2 + 3 * 4\nCompute: (7 - 2) * 3\n' > prompts.txt   # one prompt per line
     python sample.py --init_from=out/arith/seed1337/baseline/best.pt --start=FILE:prompts.txt --temperature=0
     python sample.py --init_from=/models/7B_1T_4 --start="def fib(n):" --speculative=True --max_new_tokens=256
 

@@ -3,7 +3,7 @@ The embedded default dataset: multi-step arithmetic with step-by-step solutions,
 in seconds with no download, plus its own small sentencepiece tokenizer.
 
     python data/arith/prepare.py                          # -> data/arith/{train,val,test}.*, meta.json, tokenizer.model
-    python data/arith/prepare.py --n_train_problems=20000 --max_ops=5 --max_operand=50
+    python data/arith/prepare.py --n_train_problems=20000 --max_ops=5 --max_operand=50 --out_dir=data/arith_big
     python data/arith/prepare.py --tokenizer=/models/7B_1T_4/tokenizer.model --out_dir=data/arith_llama
 
 One problem and one candidate (prompt | completion):
