@@ -1,8 +1,8 @@
 """
 Evaluate any stage's checkpoint on held-out problems: generate, verify, report, write eval.json.
 
-    python eval.py --init_from=out/arith/seed1337/baseline                      # run dir: best.pt > final.pt > ckpt.pt
-    python eval.py --init_from=out/arith/seed1337/rho1/final.pt --n_problems=200 --num_samples=16 --pass_k=[1,4,16]
+    python eval.py --init_from=out/arith/seed1337/baseline --out=out/mine/baseline_eval.json  # best.pt > final.pt > ckpt.pt
+    python eval.py --init_from=out/arith/seed1337/rho1/final.pt --num_samples=16 --pass_k=[1,4,16] --out=out/mine/rho1.json
     python eval.py --init_from=/models/7B_1T_4 --data_dir=data/codecontests --split=test --out=eval_meta.json
     python eval.py --data_dir=data/humaneval --completions=samples.jsonl --results_out=results.jsonl   # your model's
                                                                        # completions, no model needed
