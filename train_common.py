@@ -157,16 +157,18 @@ def init_model(init_from, ctx, meta: dict, out_dir, value_head, pad_vocab_multip
                 fail("init_from='scratch' builds a new model only in train_baseline.py; give a model here")
             torch.manual_seed(seed)  # the same initial weights on every rank
             model = Transformer(model_args, value_head=bool(value_head))
-        elif init_from == "resume" or (from_s3 and ddp_utils.load_checkpoint(source).get("stage") == stage):
+        elif init_from == "resume" or from_s3:
             path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else source
-            resume = ddp_utils.load_checkpoint(path)
-            if resume.get("dcp"):  # an FSDP run's optimizer state: a DCP folder beside ckpt.pt
-                resume["dcp"] = os.path.join(os.path.dirname(os.path.abspath(path)), resume["dcp"])
-            model = Transformer.from_checkpoint(resume, dtype=None, value_head=value_head, source=path)
+            ckpt = ddp_utils.load_checkpoint(path)  # memory-mapped, read once
+            if init_from == "resume" or ckpt.get("stage") == stage:  # an exact continuation
+                resume = ckpt
+                if resume.get("dcp"):  # an FSDP run's optimizer state: a DCP folder beside ckpt.pt
+                    resume["dcp"] = os.path.join(os.path.dirname(os.path.abspath(path)), resume["dcp"])
+            model = Transformer.from_checkpoint(ckpt, dtype=None, value_head=value_head, source=path)
         else:
             model = Transformer.load(source, device="cpu", dtype=None, value_head=value_head)
-            if model.n_future_tokens == 1 and (n_future_tokens or 1) > 1:
-                model.set_n_future_tokens(n_future_tokens)  # a plain LLaMA gets heads: copies of its last block
+        if resume is None and model.n_future_tokens == 1 and (n_future_tokens or 1) > 1:
+            model.set_n_future_tokens(n_future_tokens)  # a plain LLaMA gets heads: copies of its last block
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(f"init_from={init_from!r}: {e}")
     if resume is None and model.args.pad_vocab_multiple != pad_vocab_multiple:
